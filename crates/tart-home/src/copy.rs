@@ -1,0 +1,145 @@
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+/// Copies `src` to a new file `dst` as cheaply as the filesystem allows: a reflink (shared
+/// extents, instant) where supported, otherwise a copy of the data regions only, so holes in
+/// a sparse disk image stay holes. `dst` must not exist.
+pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
+    let source = File::open(src)?;
+    let target = OpenOptions::new().write(true).create_new(true).open(dst)?;
+    // SAFETY: FICLONE takes the source descriptor as its argument; both descriptors are ours.
+    if unsafe { libc::ioctl(target.as_raw_fd(), libc::FICLONE, source.as_raw_fd()) } == 0 {
+        return Ok(());
+    }
+    let len = source.metadata()?.len();
+    target.set_len(len)?;
+    copy_data_regions(&source, &target, len)?;
+    target.sync_all()
+}
+
+/// Walks the data regions with SEEK_DATA/SEEK_HOLE and copies each with copy_file_range, which
+/// the kernel may itself turn into a server-side or reflink copy.
+fn copy_data_regions(source: &File, target: &File, len: u64) -> io::Result<()> {
+    let mut offset = 0u64;
+    while offset < len {
+        let data_start = match lseek(source, offset, libc::SEEK_DATA) {
+            Ok(start) => start,
+            Err(err) if err.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
+            // No SEEK_DATA support: treat the rest as data; zero blocks are still skipped below.
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offset,
+            Err(err) => return Err(err),
+        };
+        let data_end = lseek(source, data_start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        copy_range(source, target, data_start, data_end)?;
+        offset = data_end;
+    }
+    Ok(())
+}
+
+fn copy_range(source: &File, target: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut offset = start;
+    while offset < end {
+        let mut src_off = offset as libc::loff_t;
+        let mut dst_off = offset as libc::loff_t;
+        let chunk = (end - offset).min(1 << 30) as usize;
+        // SAFETY: valid descriptors and offset pointers that live across the call.
+        let copied = unsafe {
+            libc::copy_file_range(
+                source.as_raw_fd(),
+                &mut src_off,
+                target.as_raw_fd(),
+                &mut dst_off,
+                chunk,
+                0,
+            )
+        };
+        match copied {
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "source file shrank during the copy",
+                ))
+            }
+            n if n > 0 => offset += n as u64,
+            _ => {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        return copy_range_by_hand(source, target, offset, end);
+                    }
+                    _ => return Err(err),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The portable fallback: read and write, skipping all-zero blocks so they stay holes.
+fn copy_range_by_hand(mut source: &File, mut target: &File, start: u64, end: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    source.seek(SeekFrom::Start(start))?;
+    let mut offset = start;
+    while offset < end {
+        let want = (end - offset).min(buf.len() as u64) as usize;
+        source.read_exact(&mut buf[..want])?;
+        if buf[..want].iter().any(|&b| b != 0) {
+            target.seek(SeekFrom::Start(offset))?;
+            target.write_all(&buf[..want])?;
+        }
+        offset += want as u64;
+    }
+    Ok(())
+}
+
+fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
+    // SAFETY: lseek on a descriptor we own.
+    let pos = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+    if pos < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pos as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{FileExt, MetadataExt};
+
+    #[test]
+    fn sparse_file_clones_without_filling_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let dst = dir.path().join("dst");
+        let file = File::create(&src).unwrap();
+        file.set_len(256 << 20).unwrap();
+        file.write_all_at(&[7u8; 4096], 0).unwrap();
+        file.write_all_at(&[9u8; 8192], 128 << 20).unwrap();
+        file.write_all_at(&[1u8; 10], (256 << 20) - 10).unwrap();
+        drop(file);
+
+        clone_file(&src, &dst).unwrap();
+
+        let copied = std::fs::read(&dst).unwrap();
+        assert_eq!(copied, std::fs::read(&src).unwrap());
+        let allocated = std::fs::metadata(&dst).unwrap().blocks() * 512;
+        assert!(
+            allocated < 16 << 20,
+            "clone allocated {allocated} bytes of a 256 MiB mostly-hole file"
+        );
+    }
+
+    #[test]
+    fn refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::write(&src, b"data").unwrap();
+        std::fs::write(dir.path().join("dst"), b"keep").unwrap();
+        assert!(clone_file(&src, &dir.path().join("dst")).is_err());
+        assert_eq!(std::fs::read(dir.path().join("dst")).unwrap(), b"keep");
+    }
+}

@@ -1,0 +1,243 @@
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "tart",
+    version,
+    about = "Run virtual machines on Linux hosts and ship them through any OCI registry",
+    propagate_version = true,
+    disable_help_subcommand = false
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a VM
+    Create(CreateArgs),
+    /// Clone a VM (a local one, or an image from a registry)
+    Clone(CloneArgs),
+    /// Run a VM (not implemented yet)
+    Run(NotYet),
+    /// Modify a VM's configuration
+    Set(SetArgs),
+    /// Get a VM's configuration
+    Get(GetArgs),
+    /// List created VMs and cached images
+    List(ListArgs),
+    /// Log in to a registry (not implemented yet)
+    Login(NotYet),
+    /// Log out from a registry (not implemented yet)
+    Logout(NotYet),
+    /// Get a running VM's IP address (not implemented yet)
+    Ip(NotYet),
+    /// Execute a command in a running VM (not implemented yet)
+    Exec(NotYet),
+    /// Pull a VM from a registry (not implemented yet)
+    Pull(NotYet),
+    /// Push a VM to a registry (not implemented yet)
+    Push(NotYet),
+    /// Import a VM from a compressed .tvm file (not implemented yet)
+    Import(NotYet),
+    /// Export a VM to a compressed .tvm file (not implemented yet)
+    Export(NotYet),
+    /// Prune OCI caches or local VMs
+    Prune(PruneArgs),
+    /// Rename a local VM
+    Rename(RenameArgs),
+    /// Stop a VM
+    Stop(StopArgs),
+    /// Delete one or more VMs
+    Delete(DeleteArgs),
+    /// Get a fully-qualified VM name
+    #[command(hide = true)]
+    Fqn(FqnArgs),
+    /// Suspend a running VM (not implemented yet)
+    Suspend(NotYet),
+    /// Print a shell completion script
+    Completions(CompletionsArgs),
+    /// Print the man page (roff)
+    #[command(hide = true)]
+    Manpage,
+}
+
+impl Command {
+    /// Tart collects stale `tmp/` entries before every command but these two, whose staging
+    /// directories must survive an interruption so the next attempt can resume.
+    pub fn runs_tmp_gc(&self) -> bool {
+        !matches!(
+            self,
+            Command::Pull(_) | Command::Clone(_) | Command::Completions(_) | Command::Manpage
+        )
+    }
+}
+
+/// Arguments of a command that a later release implements; accepted so `--help` lists it.
+#[derive(Args, Debug)]
+pub struct NotYet {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    _args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct CreateArgs {
+    /// VM name
+    pub name: String,
+    /// Create a macOS VM from an IPSW (needs a macOS host; refused here)
+    #[arg(long, value_name = "path")]
+    pub from_ipsw: Option<String>,
+    /// Create an empty Linux VM booting with UEFI
+    #[arg(long)]
+    pub linux: bool,
+    /// Disk size in GB (10^9 bytes)
+    #[arg(long, default_value_t = 50, value_name = "GB")]
+    pub disk_size: u16,
+    /// Disk image format
+    #[arg(long, default_value = "raw", ignore_case = true, value_parser = ["raw", "asif"])]
+    pub disk_format: String,
+    /// Replace an existing VM of the same name (Tart does this silently; we refuse without it)
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CloneArgs {
+    /// Source VM: a local name or a remote name such as ghcr.io/cirruslabs/debian:latest
+    pub source_name: String,
+    /// Name of the new local VM
+    pub new_name: String,
+    /// Connect to the registry over plain HTTP
+    #[arg(long)]
+    pub insecure: bool,
+    /// Number of layers to download in parallel when pulling
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Reuse local layers when pulling
+    #[arg(long, hide = true)]
+    pub deduplicate: bool,
+    /// Largest amount of cache (GiB) that automatic pruning may delete to make room
+    #[arg(long, default_value_t = 100, value_name = "GiB")]
+    pub prune_limit: u64,
+    /// Replace an existing VM of the same name
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SetArgs {
+    /// VM name
+    pub name: String,
+    /// Number of VM CPUs
+    #[arg(long)]
+    pub cpu: Option<u16>,
+    /// VM memory size in megabytes (MiB)
+    #[arg(long)]
+    pub memory: Option<u64>,
+    /// VM display resolution in WIDTHxHEIGHT[pt|px] format
+    #[arg(long)]
+    pub display: Option<String>,
+    /// Whether to automatically reconfigure the display to fit the window
+    #[arg(long, overrides_with = "no_display_refit")]
+    pub display_refit: bool,
+    #[arg(long, overrides_with = "display_refit", hide = true)]
+    pub no_display_refit: bool,
+    /// Generate a new random MAC address
+    #[arg(long)]
+    pub random_mac: bool,
+    /// Replace the VM's disk with a copy of this image file
+    #[arg(long, value_name = "path")]
+    pub disk: Option<PathBuf>,
+    /// Grow the disk to this size in GB (10^9 bytes)
+    #[arg(long, value_name = "GB")]
+    pub disk_size: Option<u16>,
+}
+
+impl SetArgs {
+    /// Tart assigns this on every `set`, so omitting both flags clears a stored value.
+    pub fn display_refit(&self) -> Option<bool> {
+        match (self.display_refit, self.no_display_refit) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    /// VM name
+    pub name: String,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Only show VMs from this source: local or oci
+    #[arg(long, value_parser = ["local", "oci"])]
+    pub source: Option<String>,
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
+    /// Only print VM names, one per line
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Entries to prune: "caches" (OCI cache) or "vms" (local VMs that are not running)
+    #[arg(long, default_value = "caches")]
+    pub entries: String,
+    /// Prune entries last accessed this many days ago or earlier
+    #[arg(long, value_name = "n")]
+    pub older_than: Option<u64>,
+    /// Shrink to this many GiB, deleting the least recently accessed entries first
+    #[arg(long, value_name = "n")]
+    pub space_budget: Option<u64>,
+    #[arg(long, hide = true)]
+    pub cache_budget: Option<u64>,
+    /// Remove cache entries that nothing references
+    #[arg(long, hide = true)]
+    pub gc: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RenameArgs {
+    pub name: String,
+    pub new_name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    pub name: String,
+    /// Seconds to wait for the VM to stop before killing it
+    #[arg(short, long, default_value_t = 30)]
+    pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct DeleteArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct FqnArgs {
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    pub shell: clap_complete::Shell,
+}

@@ -1,0 +1,78 @@
+mod info;
+mod lifecycle;
+mod meta;
+mod prune;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use tart_home::TartHome;
+use tart_oci::{OciCache, RemoteName};
+
+use crate::cli::Command;
+
+pub fn run(command: Command) -> Result<ExitCode> {
+    let home = match &command {
+        Command::Completions(args) => return meta::completions(args),
+        Command::Manpage => return meta::manpage(),
+        _ => TartHome::from_env()?,
+    };
+    if command.runs_tmp_gc() {
+        if let Err(err) = home.gc_tmp() {
+            eprintln!("Failed to perform garbage collection: {err}");
+        }
+    }
+    let ctx = Context {
+        cache: OciCache::new(home.oci_cache_dir()),
+        home,
+    };
+    match command {
+        Command::Create(args) => lifecycle::create(&ctx, &args),
+        Command::Clone(args) => lifecycle::clone(&ctx, &args),
+        Command::Set(args) => lifecycle::set(&ctx, &args),
+        Command::Rename(args) => lifecycle::rename(&ctx, &args),
+        Command::Delete(args) => lifecycle::delete(&ctx, &args),
+        Command::Stop(args) => lifecycle::stop(&ctx, &args),
+        Command::Get(args) => info::get(&ctx, &args),
+        Command::List(args) => info::list(&ctx, &args),
+        Command::Fqn(args) => info::fqn(&ctx, &args),
+        Command::Prune(args) => prune::prune(&ctx, &args),
+        Command::Run(_) => not_implemented("run"),
+        Command::Login(_) => not_implemented("login"),
+        Command::Logout(_) => not_implemented("logout"),
+        Command::Ip(_) => not_implemented("ip"),
+        Command::Exec(_) => not_implemented("exec"),
+        Command::Pull(_) => not_implemented("pull"),
+        Command::Push(_) => not_implemented("push"),
+        Command::Import(_) => not_implemented("import"),
+        Command::Export(_) => not_implemented("export"),
+        Command::Suspend(_) => not_implemented("suspend"),
+        Command::Completions(_) | Command::Manpage => unreachable!("handled before TART_HOME is opened"),
+    }?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct Context {
+    pub home: TartHome,
+    pub cache: OciCache,
+}
+
+fn not_implemented(command: &str) -> Result<()> {
+    anyhow::bail!("not implemented yet: {command}")
+}
+
+/// A VM argument that may name a local VM or an image in a registry.
+pub enum VmName {
+    Local(String),
+    Remote(RemoteName),
+}
+
+/// Anything that parses as a remote name is one (Tart's rule); a name with a `/` that does
+/// not parse is reported with the parser's reason rather than as a bad local name.
+pub fn parse_vm_name(name: &str) -> Result<VmName> {
+    match name.parse::<RemoteName>() {
+        Ok(remote) => Ok(VmName::Remote(remote)),
+        Err(err) if name.contains('/') => Err(err.into()),
+        Err(_) => Ok(VmName::Local(name.to_owned())),
+    }
+}
