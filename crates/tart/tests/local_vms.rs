@@ -2,7 +2,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -255,16 +254,6 @@ fn twenty_gb_sparse_disk_clones_without_allocating_it() {
     }
 }
 
-/// Holds the run lock (a POSIX write lock on config.json) the way `tart run` does.
-fn hold_run_lock(config: &Path) -> File {
-    let file = OpenOptions::new().read(true).write(true).open(config).unwrap();
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_WRLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) }, 0);
-    file
-}
-
 /// A separate process standing in for `tart run`: this test binary re-executed in helper mode.
 fn spawn_lock_holder(config: &Path, ignore_sigint: bool) -> Child {
     let mut child = Command::new(std::env::current_exe().unwrap())
@@ -287,12 +276,7 @@ fn spawn_lock_holder(config: &Path, ignore_sigint: bool) -> Child {
 }
 
 fn lock_holder_pid(config: &Path) -> Option<libc::pid_t> {
-    let file = OpenOptions::new().read(true).write(true).open(config).ok()?;
-    let mut lock: libc::flock = unsafe { std::mem::zeroed() };
-    lock.l_type = libc::F_RDLCK as libc::c_short;
-    lock.l_whence = libc::SEEK_SET as libc::c_short;
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETLK, &mut lock) };
-    (lock.l_type != libc::F_UNLCK as libc::c_short).then_some(lock.l_pid)
+    tart_home::PidLock::holder(config)
 }
 
 #[test]
@@ -303,7 +287,8 @@ fn lock_holder_helper() {
     if std::env::var("TART_TEST_IGNORE_SIGINT").as_deref() == Ok("1") {
         unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     }
-    let _lock = hold_run_lock(Path::new(&config));
+    // The lock `tart run` holds: a POSIX write lock on config.json.
+    let _lock = tart_home::PidLock::try_acquire(Path::new(&config)).unwrap().unwrap();
     std::thread::sleep(Duration::from_secs(120));
 }
 
