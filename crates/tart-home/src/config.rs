@@ -231,6 +231,36 @@ pub fn tart_pretty_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
     out
 }
 
+/// Compact, in declaration order, slashes escaped: what Tart pushes as the VM config blob.
+pub fn tart_compact_json<T: Serialize + ?Sized>(value: &T) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut out, SwiftCompactFormatter);
+    value
+        .serialize(&mut serializer)
+        .expect("serialising plain data into memory cannot fail");
+    out
+}
+
+struct SwiftCompactFormatter;
+
+impl Formatter for SwiftCompactFormatter {
+    fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
+        write_escaping_slashes(w, fragment)
+    }
+}
+
+fn write_escaping_slashes<W: ?Sized + io::Write>(w: &mut W, fragment: &str) -> io::Result<()> {
+    let mut parts = fragment.split('/');
+    if let Some(first) = parts.next() {
+        w.write_all(first.as_bytes())?;
+    }
+    for part in parts {
+        w.write_all(b"\\/")?;
+        w.write_all(part.as_bytes())?;
+    }
+    Ok(())
+}
+
 #[derive(Default)]
 struct SwiftPrettyFormatter(PrettyFormatter<'static>);
 
@@ -265,15 +295,7 @@ impl Formatter for SwiftPrettyFormatter {
         self.0.end_object_value(w)
     }
     fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
-        let mut parts = fragment.split('/');
-        if let Some(first) = parts.next() {
-            w.write_all(first.as_bytes())?;
-        }
-        for part in parts {
-            w.write_all(b"\\/")?;
-            w.write_all(part.as_bytes())?;
-        }
-        Ok(())
+        write_escaping_slashes(w, fragment)
     }
 }
 

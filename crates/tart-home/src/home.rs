@@ -118,6 +118,9 @@ impl TartHome {
         let entries = fs::read_dir(&tmp).map_err(io_context(format!("failed to list {}", tmp.display())))?;
         for entry in entries.filter_map(|entry| entry.ok()) {
             let path = entry.path();
+            if is_young_pull_staging(&entry) {
+                continue;
+            }
             let Ok(Some(_lock)) = FileLock::try_exclusive(&path) else {
                 continue;
             };
@@ -126,6 +129,21 @@ impl TartHome {
         Ok(())
     }
 }
+
+/// Interrupted pulls are resumed from `tmp/pull-<digest>`. Tart lets any other command collect
+/// them at once; we keep them for a day so that running `tart list` between two attempts does
+/// not throw away gigabytes of verified layers.
+fn is_young_pull_staging(entry: &fs::DirEntry) -> bool {
+    const KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+    entry.file_name().to_string_lossy().starts_with(PULL_STAGING_PREFIX)
+        && entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|modified| modified.elapsed().unwrap_or_default() < KEEP)
+}
+
+/// Name prefix of pull staging directories under `tmp/`.
+pub const PULL_STAGING_PREFIX: &str = "pull-";
 
 /// Removes a file or a directory tree; gone already is fine.
 pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
@@ -151,14 +169,41 @@ pub struct StagingDir {
 impl StagingDir {
     /// Creates (or reuses, for resumable work keyed by content) the directory and locks it.
     pub fn create(path: PathBuf) -> Result<Self> {
-        match fs::create_dir(&path) {
-            Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
-                return Err(io_context(format!("failed to create {}", path.display()))(err));
+        Self::create_or_wait(path, || {})
+    }
+
+    /// Like [`StagingDir::create`], calling `on_wait` first if another process holds the
+    /// directory, so the user learns why nothing happens. The lock is only kept once it is known
+    /// to be on the directory now at `path`: a previous holder may have renamed or removed it
+    /// while we waited.
+    pub fn create_or_wait(path: PathBuf, on_wait: impl FnOnce()) -> Result<Self> {
+        let mut on_wait = Some(on_wait);
+        loop {
+            match fs::create_dir(&path) {
+                Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+                    return Err(io_context(format!("failed to create {}", path.display()))(err));
+                }
+                _ => {}
             }
-            _ => {}
+            let busy =
+                FileLock::try_exclusive(&path).map_err(io_context(format!("failed to lock {}", path.display())))?;
+            let lock = match busy {
+                Some(lock) => lock,
+                None => {
+                    if let Some(notify) = on_wait.take() {
+                        notify();
+                    }
+                    match FileLock::exclusive(&path) {
+                        Ok(lock) => lock,
+                        Err(_) if !path.exists() => continue,
+                        Err(err) => return Err(err),
+                    }
+                }
+            };
+            if lock.is_at(&path) {
+                return Ok(StagingDir { path, lock: Some(lock) });
+            }
         }
-        let lock = FileLock::exclusive(&path)?;
-        Ok(StagingDir { path, lock: Some(lock) })
     }
 
     pub fn path(&self) -> &Path {

@@ -16,10 +16,10 @@ pub mod prune;
 mod uefi;
 mod vm;
 
-pub use config::{tart_pretty_json, Arch, DiskFormat, Display, DisplayUnit, Os, VmConfig};
+pub use config::{tart_compact_json, tart_pretty_json, Arch, DiskFormat, Display, DisplayUnit, Os, VmConfig};
 pub use copy::clone_file;
 pub use error::{Error, Result};
-pub use home::{StagingDir, TartHome};
+pub use home::{StagingDir, TartHome, PULL_STAGING_PREFIX};
 pub use lifecycle::grow_disk;
 pub use lock::{FileLock, PidLock};
 pub use mac::MacAddress;

@@ -20,6 +20,15 @@ impl FileLock {
         Ok(FileLock { _file: file })
     }
 
+    /// Whether the locked file is (still) the one at `path`.
+    pub fn is_at(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (self._file.metadata(), std::fs::metadata(path)) {
+            (Ok(ours), Ok(there)) => ours.dev() == there.dev() && ours.ino() == there.ino(),
+            _ => false,
+        }
+    }
+
     /// `None` when another process holds it.
     pub fn try_exclusive(path: &Path) -> io::Result<Option<Self>> {
         let file = File::open(path)?;

@@ -4,7 +4,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use tart_home::prune::{self, Candidate};
-use tart_home::VmDir;
+use tart_home::{TartHome, VmDir};
 
 use crate::{Reference, RemoteName};
 
@@ -102,6 +102,74 @@ impl OciCache {
         let doomed = prune::to_reclaim(&candidates, required, free);
         self.remove_images(&doomed)?;
         Ok(doomed)
+    }
+
+    /// For each blob digest listed in a cached manifest from `host`, the repositories that hold
+    /// it there: a push can ask the registry to mount such blobs instead of uploading them.
+    pub fn blob_sources(&self, host: &str) -> HashMap<String, Vec<String>> {
+        let host_dir = self.root.join(host.replace(':', "%3A"));
+        let mut sources: HashMap<String, Vec<String>> = HashMap::new();
+        let _ = walk_cache(&host_dir, &mut |path, meta| {
+            if meta.is_symlink() {
+                return Ok(());
+            }
+            let Ok(bytes) = fs::read(path.join("manifest.json")) else {
+                return Ok(());
+            };
+            let Ok(crate::manifest::TartManifest {
+                disk: crate::manifest::DiskLayers::V2(layers),
+                ..
+            }) = crate::manifest::TartManifest::parse(&bytes)
+            else {
+                return Ok(());
+            };
+            let namespace = path
+                .parent()
+                .and_then(|p| p.strip_prefix(&host_dir).ok())
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            for layer in layers {
+                let holders = sources.entry(layer.descriptor.digest().to_string()).or_default();
+                if !holders.contains(&namespace) {
+                    holders.push(namespace.clone());
+                }
+            }
+            Ok(())
+        });
+        sources
+    }
+
+    /// `push --populate-cache`: stores a copy of the pushed VM as the image `digest_name`, with
+    /// its manifest, and points `tags` at it.
+    pub fn populate(
+        &self,
+        home: &TartHome,
+        vm: &VmDir,
+        digest_name: &RemoteName,
+        manifest: &[u8],
+        tags: &[RemoteName],
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let image_dir = self.path_for(digest_name);
+        if !VmDir::new(image_dir.clone()).is_initialized() {
+            let staging = home.staging_dir()?;
+            for file in [vm.config_path(), vm.nvram_path(), vm.disk_path()] {
+                let target = staging.path().join(file.file_name().expect("VM files have names"));
+                tart_home::clone_file(&file, &target).with_context(|| format!("failed to copy {}", file.display()))?;
+            }
+            fs::write(staging.path().join("manifest.json"), manifest)?;
+            let parent = image_dir.parent().expect("cache paths have parents");
+            fs::create_dir_all(parent)?;
+            match staging.persist(&image_dir, false) {
+                Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+        for tag in tags.iter().filter(|t| matches!(t.reference, Reference::Tag(_))) {
+            crate::pull::link(&self.path_for(tag), &image_dir)?;
+        }
+        VmDir::new(image_dir).set_access_date(tart_home::AccessDate::Now)?;
+        Ok(())
     }
 
     /// Removes a tag or a digest entry, then collects what became unreachable.

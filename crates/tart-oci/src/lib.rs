@@ -1,7 +1,15 @@
-//! OCI side of Tart: remote image names and the local image cache under `cache/OCIs/`.
+//! OCI side of Tart: remote image names, the local image cache under `cache/OCIs/`, the registry
+//! client and the push/pull engine for Tart's VM image format.
 
 mod cache;
+pub mod manifest;
+pub mod media;
 mod name;
+pub mod progress;
+pub mod pull;
+pub mod push;
+pub mod registry;
+mod sink;
 
 pub use cache::{CacheEntry, OciCache};
 pub use name::{NameError, Reference, RemoteName};

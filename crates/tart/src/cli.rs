@@ -29,18 +29,18 @@ pub enum Command {
     Get(GetArgs),
     /// List created VMs and cached images
     List(ListArgs),
-    /// Log in to a registry (not implemented yet)
-    Login(NotYet),
-    /// Log out from a registry (not implemented yet)
-    Logout(NotYet),
+    /// Log in to a registry
+    Login(LoginArgs),
+    /// Log out from a registry
+    Logout(LogoutArgs),
     /// Get a running VM's IP address (not implemented yet)
     Ip(NotYet),
     /// Execute a command in a running VM (not implemented yet)
     Exec(NotYet),
-    /// Pull a VM from a registry (not implemented yet)
-    Pull(NotYet),
-    /// Push a VM to a registry (not implemented yet)
-    Push(NotYet),
+    /// Pull a VM from a registry
+    Pull(PullArgs),
+    /// Push a VM to a registry
+    Push(PushArgs),
     /// Import a VM from a compressed .tvm file (not implemented yet)
     Import(NotYet),
     /// Export a VM to a compressed .tvm file (not implemented yet)
@@ -104,21 +104,88 @@ pub struct CreateArgs {
     pub force: bool,
 }
 
+/// How to reach a registry.
+#[derive(Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Connect to the registry over plain HTTP
+    #[arg(long)]
+    pub insecure: bool,
+    /// Also trust this CA certificate (PEM) for the registry's TLS; repeatable
+    #[arg(long, value_name = "path", env = "TART_REGISTRY_CA_CERT")]
+    pub ca_cert: Vec<PathBuf>,
+}
+
+/// How to pull.
+#[derive(Args, Debug, Clone)]
+pub struct PullFlags {
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Number of layers to download in parallel
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Remote VM name, e.g. ghcr.io/cirruslabs/debian:latest
+    pub remote_name: String,
+    #[command(flatten)]
+    pub flags: PullFlags,
+}
+
+#[derive(Args, Debug)]
+pub struct PushArgs {
+    /// Local VM, or a remote VM already in the cache (re-tagged without uploading layers)
+    pub local_name: String,
+    /// Remote names to push to; several tags of one repository are pushed once
+    #[arg(required = true)]
+    pub remote_names: Vec<String>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Number of disk chunks compressed and uploaded in parallel
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
+    pub concurrency: u32,
+    /// Upload blobs in PATCH requests of this many MB (10^6 bytes); 0 uploads each blob in one PUT
+    #[arg(long, default_value_t = 0, value_name = "MB")]
+    pub chunk_size: usize,
+    /// Add a label to the OCI config (key=value); repeatable
+    #[arg(long, value_name = "key=value")]
+    pub label: Vec<String>,
+    /// Also store the pushed VM in the local OCI cache
+    #[arg(long)]
+    pub populate_cache: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LoginArgs {
+    /// Registry host, with its port if any: ghcr.io, localhost:5000
+    pub host: String,
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Read the password from standard input
+    #[arg(long)]
+    pub password_stdin: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Store the credentials without checking them against the registry
+    #[arg(long)]
+    pub no_validate: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LogoutArgs {
+    /// Registry host, with its port if any
+    pub host: String,
+}
+
 #[derive(Args, Debug)]
 pub struct CloneArgs {
     /// Source VM: a local name or a remote name such as ghcr.io/cirruslabs/debian:latest
     pub source_name: String,
     /// Name of the new local VM
     pub new_name: String,
-    /// Connect to the registry over plain HTTP
-    #[arg(long)]
-    pub insecure: bool,
-    /// Number of layers to download in parallel when pulling
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
-    pub concurrency: u32,
-    /// Reuse local layers when pulling
-    #[arg(long, hide = true)]
-    pub deduplicate: bool,
+    #[command(flatten)]
+    pub pull: PullFlags,
     /// Largest amount of cache (GiB) that automatic pruning may delete to make room
     #[arg(long, default_value_t = 100, value_name = "GiB")]
     pub prune_limit: u64,

@@ -36,7 +36,7 @@ pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
         VmName::Local(name) => ctx.home.existing_local_vm(&name)?,
         VmName::Remote(remote) => match ctx.cache.open(&remote) {
             Some(vm) => vm,
-            None => bail!("not implemented yet: pull ({remote} is not in the local OCI cache)"),
+            None => super::registry::pull_remote(ctx, &remote, &args.pull)?,
         },
     };
     source.set_access_date(AccessDate::Now)?;

@@ -2,6 +2,7 @@ mod info;
 mod lifecycle;
 mod meta;
 mod prune;
+mod registry;
 
 use std::process::ExitCode;
 
@@ -38,12 +39,12 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Fqn(args) => info::fqn(&ctx, &args),
         Command::Prune(args) => prune::prune(&ctx, &args),
         Command::Run(_) => not_implemented("run"),
-        Command::Login(_) => not_implemented("login"),
-        Command::Logout(_) => not_implemented("logout"),
+        Command::Login(args) => registry::login(&ctx, &args),
+        Command::Logout(args) => registry::logout(&ctx, &args),
         Command::Ip(_) => not_implemented("ip"),
         Command::Exec(_) => not_implemented("exec"),
-        Command::Pull(_) => not_implemented("pull"),
-        Command::Push(_) => not_implemented("push"),
+        Command::Pull(args) => registry::pull(&ctx, &args),
+        Command::Push(args) => registry::push(&ctx, &args),
         Command::Import(_) => not_implemented("import"),
         Command::Export(_) => not_implemented("export"),
         Command::Suspend(_) => not_implemented("suspend"),

@@ -1,0 +1,405 @@
+//! Pulling a Tart image into the OCI cache: every blob checked against its digest, every disk
+//! chunk against its uncompressed digest, resumable from a staging directory keyed by the
+//! manifest digest (so two images can never mix), with layers fetched in parallel.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use apple_lz4::PushDecoder;
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use oci_spec::image::Descriptor;
+use sha2::{Digest as _, Sha256};
+use tart_home::{AccessDate, StagingDir, TartHome, VmDir, PULL_STAGING_PREFIX};
+use tokio::sync::mpsc;
+
+use crate::manifest::{sha256_digest, DiskLayer, DiskLayers, TartManifest};
+use crate::progress::Progress;
+use crate::registry::{is_transient, Registry};
+use crate::{OciCache, Reference, RemoteName};
+
+#[derive(Clone, Debug)]
+pub struct PullOptions {
+    /// Layers downloaded at once.
+    pub concurrency: usize,
+    /// Make room in the cache before pulling (unless `TART_NO_AUTO_PRUNE`).
+    pub auto_prune: bool,
+}
+
+/// Room kept free beyond the image itself, as Tart does.
+const PRUNE_RESERVE: u64 = 128 << 20;
+const ATTEMPTS: u32 = 5;
+
+/// Pulls `name` into the cache and returns the cached image.
+pub async fn pull(
+    home: &TartHome,
+    cache: &OciCache,
+    registry: &Registry,
+    name: &RemoteName,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<VmDir> {
+    let (manifest_bytes, digest) =
+        crate::registry::with_retries("pulling manifest", || registry.manifest(name.reference.value())).await?;
+    let manifest = TartManifest::parse(&manifest_bytes)?;
+    let digest_name = name.with_digest(&digest);
+    let image_dir = cache.path_for(&digest_name);
+    let by_tag = matches!(name.reference, Reference::Tag(_));
+    let tag_path = cache.path_for(name);
+
+    let cached = |dir: &Path| VmDir::new(dir.to_owned()).is_initialized();
+    if cached(&image_dir) && (!by_tag || fs::canonicalize(&tag_path).ok() == fs::canonicalize(&image_dir).ok()) {
+        progress.line(&format!("{digest_name} image is already cached and linked!"));
+    } else if cached(&image_dir) {
+        progress.line(&format!("{digest_name} image is already cached! creating a symlink..."));
+    } else {
+        let hex = digest.trim_start_matches("sha256:").to_owned();
+        let staging_path = home.tmp_dir().join(format!("{PULL_STAGING_PREFIX}{hex}"));
+        // The staging directory's lock is the per-image lock: a second pull of the same image
+        // waits here, then finds it cached; pulls of other images go on in parallel.
+        let staging = tokio::task::spawn_blocking(move || {
+            StagingDir::create_or_wait(staging_path, || eprintln!("waiting for lock..."))
+        })
+        .await??;
+        if cached(&image_dir) {
+            progress.line(&format!("{digest_name} image is already cached! creating a symlink..."));
+        } else {
+            if by_tag {
+                // The image the tag pointed to so far goes first when space is needed.
+                if let Ok(previous) = fs::canonicalize(&tag_path) {
+                    let _ = VmDir::new(previous).set_access_date(AccessDate::At(SystemTime::UNIX_EPOCH));
+                }
+            }
+            if options.auto_prune {
+                if let Some(size) = manifest.uncompressed_disk_size {
+                    cache
+                        .reclaim_if_needed(size + PRUNE_RESERVE, None)
+                        .context("failed to prune the OCI cache")?;
+                }
+            }
+            download(registry, &manifest, &manifest_bytes, staging.path(), options, progress).await?;
+            let parent = image_dir.parent().expect("cache paths have parents");
+            fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
+            match staging.persist(&image_dir, false) {
+                Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
+                Err(err) => return Err(err.into()),
+            }
+        }
+    }
+
+    let image = VmDir::new(image_dir.clone());
+    if by_tag {
+        link(&tag_path, &image_dir)?;
+        cache.gc().context("OCI storage error")?;
+    } else {
+        File::create(image_dir.join(".explicitly-pulled")).context("failed to mark the image as pulled by digest")?;
+    }
+    image.set_access_date(AccessDate::Now)?;
+    Ok(image)
+}
+
+/// Points the tag at the image with one rename, so the tag is never missing.
+pub(crate) fn link(tag_path: &Path, image_dir: &Path) -> Result<()> {
+    let temporary = tag_path.with_file_name(format!(".{}.link-{}", file_name(tag_path), std::process::id()));
+    let _ = fs::remove_file(&temporary);
+    std::os::unix::fs::symlink(image_dir, &temporary)
+        .and_then(|()| fs::rename(&temporary, tag_path))
+        .with_context(|| format!("failed to link {}", tag_path.display()))
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().unwrap_or_default().to_string_lossy().into_owned()
+}
+
+async fn download(
+    registry: &Registry,
+    manifest: &TartManifest,
+    manifest_bytes: &[u8],
+    staging: &Path,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    fetch_small_blob(registry, &manifest.config, &staging.join("config.json")).await?;
+    let compressed = manifest.disk_compressed_size();
+    progress.line(&format!(
+        "pulling disk ({:.1} GB compressed)...",
+        compressed as f64 / 1e9
+    ));
+    progress.begin(compressed);
+    let disk = match &manifest.disk {
+        DiskLayers::V2(layers) => pull_disk_v2(registry, layers, staging, options, progress).await,
+        DiskLayers::V1(layers) => pull_disk_v1(registry, layers, staging, progress).await,
+    };
+    progress.end();
+    disk?;
+    progress.line("pulling NVRAM...");
+    fetch_small_blob(registry, &manifest.nvram, &staging.join("nvram.bin")).await?;
+    fs::write(staging.join("manifest.json"), manifest_bytes).context("failed to write manifest.json")?;
+    Ok(())
+}
+
+/// Config and NVRAM: downloaded whole and verified; kept from an earlier attempt if intact.
+async fn fetch_small_blob(registry: &Registry, descriptor: &Descriptor, path: &Path) -> Result<()> {
+    let digest = descriptor.digest().to_string();
+    if fs::read(path).is_ok_and(|bytes| sha256_digest(&bytes) == digest) {
+        return Ok(());
+    }
+    let data = crate::registry::with_retries("pulling image", || registry.blob(&digest, descriptor.size())).await?;
+    fs::write(path, data).with_context(|| format!("failed to write {}", path.display()))
+}
+
+/// Indices of disk layers already written, verified and synced by an earlier attempt.
+struct Journal {
+    file: Mutex<File>,
+    done: BTreeSet<usize>,
+}
+
+impl Journal {
+    fn open(path: &Path) -> Result<Self> {
+        let done = match File::open(path) {
+            Ok(file) => BufReader::new(file)
+                .lines()
+                .map_while(|line| line.ok())
+                .filter_map(|line| line.trim().parse().ok())
+                .collect(),
+            Err(_) => BTreeSet::new(),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("failed to open {}", path.display()))?;
+        Ok(Journal {
+            file: Mutex::new(file),
+            done,
+        })
+    }
+
+    fn record(&self, index: usize) -> Result<()> {
+        let mut file = self.file.lock().expect("journal lock poisoned");
+        writeln!(file, "{index}")?;
+        file.sync_data()?;
+        Ok(())
+    }
+}
+
+async fn pull_disk_v2(
+    registry: &Registry,
+    layers: &[DiskLayer],
+    staging: &Path,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let total: u64 = layers.iter().map(|l| l.uncompressed_size).sum();
+    let disk = open_disk(&staging.join("disk.img"), Some(total))?;
+    let journal = Journal::open(&staging.join("disk-layers.done"))?;
+    for (index, layer) in layers.iter().enumerate() {
+        if journal.done.contains(&index) {
+            progress.advance(layer.descriptor.size());
+        }
+    }
+    futures_util::stream::iter(layers.iter().enumerate().filter(|(i, _)| !journal.done.contains(i)))
+        .map(|(index, layer)| {
+            let disk = disk.clone();
+            let journal = &journal;
+            async move {
+                pull_layer(
+                    registry,
+                    &layer.descriptor,
+                    disk.clone(),
+                    layer.offset,
+                    Some(layer.uncompressed_size),
+                    progress,
+                )
+                .await
+                .and_then(|(size, digest)| {
+                    ensure!(
+                        size == layer.uncompressed_size,
+                        "disk layer {} decompressed to {size} bytes, the manifest declares {}",
+                        layer.descriptor.digest(),
+                        layer.uncompressed_size
+                    );
+                    ensure!(
+                        digest == layer.uncompressed_digest,
+                        "disk layer {} failed verification: its content has digest {digest}, the manifest declares {}",
+                        layer.descriptor.digest(),
+                        layer.uncompressed_digest
+                    );
+                    Ok(())
+                })?;
+                disk.sync_data().context("failed to sync disk.img")?;
+                journal.record(index)
+            }
+        })
+        .buffer_unordered(options.concurrency.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Tart < 2.0 images: one compressed stream cut into layers, decoded in order.
+async fn pull_disk_v1(
+    registry: &Registry,
+    layers: &[Descriptor],
+    staging: &Path,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let path = staging.join("disk.img");
+    let _ = fs::remove_file(&path);
+    let disk = open_disk(&path, None)?;
+    let (sender, worker) = spawn_decoder(disk.clone(), 0, None);
+    let mut sender = Some(sender);
+    for layer in layers {
+        let tx = sender.as_ref().expect("sender lives until all layers are sent");
+        if let Err(err) = stream_blob(registry, layer, tx, progress).await {
+            drop(sender.take());
+            return Err(match worker.await? {
+                Err(decode) => decode.context(format!("failed to decompress disk: {err:#}")),
+                Ok(_) => err,
+            });
+        }
+    }
+    drop(sender);
+    let (size, _) = worker.await??;
+    disk.set_len(size).context("failed to size disk.img")?;
+    disk.sync_data().context("failed to sync disk.img")
+}
+
+fn open_disk(path: &Path, size: Option<u64>) -> Result<Arc<File>> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    if let Some(size) = size {
+        file.set_len(size)
+            .with_context(|| format!("failed to size {} to {size} bytes", path.display()))?;
+    }
+    Ok(Arc::new(file))
+}
+
+/// One disk layer: downloaded (resuming with `Range` after transport errors), verified against
+/// its compressed digest, decompressed and written. Returns the uncompressed size and digest.
+async fn pull_layer(
+    registry: &Registry,
+    descriptor: &Descriptor,
+    disk: Arc<File>,
+    offset: u64,
+    uncompressed_size: Option<u64>,
+    progress: &dyn Progress,
+) -> Result<(u64, String)> {
+    let (sender, worker) = spawn_decoder(disk, offset, uncompressed_size);
+    let streamed = stream_blob(registry, descriptor, &sender, progress).await;
+    drop(sender);
+    let decoded = worker.await?;
+    match (streamed, decoded) {
+        (Ok(()), Ok((end, digest))) => Ok((end - offset, digest)),
+        // The decoder's error explains why sending stopped.
+        (_, Err(err)) => Err(err.context(format!("failed to decompress disk layer {}", descriptor.digest()))),
+        (Err(err), Ok(_)) => Err(err),
+    }
+}
+
+type DecodeResult = Result<(u64, String)>;
+
+/// Decompression and disk writes run on a blocking thread fed through a small bounded channel,
+/// so memory stays bounded however fast the network is.
+fn spawn_decoder(
+    disk: Arc<File>,
+    offset: u64,
+    uncompressed_size: Option<u64>,
+) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<DecodeResult>) {
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(16);
+    let worker = tokio::task::spawn_blocking(move || -> DecodeResult {
+        let mut decoder = PushDecoder::new();
+        let mut sink = crate::sink::LayerSink::new(disk, offset, uncompressed_size);
+        while let Some(chunk) = receiver.blocking_recv() {
+            decoder.feed(&chunk, &mut sink)?;
+        }
+        decoder.finish()?;
+        Ok(sink.finish()?)
+    });
+    (sender, worker)
+}
+
+/// Sends a blob's bytes to `sender` in order, exactly once each, resuming with `Range` after a
+/// transport error, and checks the whole against its digest and declared size.
+async fn stream_blob(
+    registry: &Registry,
+    descriptor: &Descriptor,
+    sender: &mpsc::Sender<Bytes>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let digest = descriptor.digest().to_string();
+    let size = descriptor.size();
+    let mut hasher = Sha256::new();
+    let mut received = 0u64;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = async {
+            let (mut stream, ranged) = registry.blob_stream(&digest, size, received).await?;
+            let mut skip = if ranged { 0 } else { received };
+            while let Some(chunk) = stream.next().await {
+                let mut chunk = chunk.with_context(|| format!("failed to download blob {digest}"))?;
+                if skip > 0 {
+                    let dropped = skip.min(chunk.len() as u64);
+                    chunk = chunk.slice(dropped as usize..);
+                    skip -= dropped;
+                }
+                if chunk.is_empty() {
+                    continue;
+                }
+                if received + chunk.len() as u64 > size {
+                    bail!("the registry sent more than the {size} bytes the manifest declares for blob {digest}");
+                }
+                hasher.update(&chunk);
+                received += chunk.len() as u64;
+                progress.advance(chunk.len() as u64);
+                sender
+                    .send(chunk)
+                    .await
+                    .map_err(|_| anyhow!("decompression of blob {digest} stopped"))?;
+            }
+            if received < size {
+                return Err(anyhow::Error::from(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the connection ended after {received} of {size} bytes of blob {digest}"),
+                )));
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => break,
+            Err(err) if attempt < ATTEMPTS && is_transient(&err) => {
+                eprintln!("Error pulling image: \"{err:#}\", attempting to re-try...");
+                let ceiling =
+                    std::time::Duration::from_secs(1u64 << attempt.min(4)).min(std::time::Duration::from_secs(20));
+                tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    let actual = format!("sha256:{:x}", hasher.finalize());
+    ensure!(
+        actual == digest,
+        "blob {digest} failed verification: the registry sent content with digest {actual}"
+    );
+    Ok(())
+}
+
+/// Where pulls stage their work, for tests and diagnostics.
+pub fn staging_path(home: &TartHome, manifest_digest: &str) -> PathBuf {
+    home.tmp_dir().join(format!(
+        "{PULL_STAGING_PREFIX}{}",
+        manifest_digest.trim_start_matches("sha256:")
+    ))
+}

@@ -1,0 +1,197 @@
+//! Pushing a VM as a Tart image: config, the disk in independently compressed 512 MiB chunks
+//! (compressed and uploaded in parallel, skipped when the registry already has them), NVRAM, the
+//! stub OCI config and the manifest.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use futures_util::{StreamExt, TryStreamExt};
+use oci_spec::image::Descriptor;
+use sha2::{Digest as _, Sha256};
+use tart_home::VmDir;
+
+use crate::manifest::{build_manifest, descriptor, oci_config_blob, sha256_digest};
+use crate::media;
+use crate::progress::Progress;
+use crate::registry::{with_retries, Registry};
+
+#[derive(Clone, Debug, Default)]
+pub struct PushOptions {
+    /// Disk chunks compressed and uploaded at once.
+    pub concurrency: usize,
+    /// Upload in PATCH requests of this many bytes; 0 for one PUT per blob.
+    pub chunk_size: usize,
+    /// OCI config labels (`--label`).
+    pub labels: BTreeMap<String, String>,
+    /// Blob digest → other repositories on the same registry known to hold it (from the local
+    /// cache), to mount from instead of uploading.
+    pub mount_from: HashMap<String, Vec<String>>,
+}
+
+/// What was pushed.
+pub struct Pushed {
+    pub manifest: Bytes,
+    pub digest: String,
+}
+
+/// Pushes `vm` and tags the manifest with every reference in `references`.
+pub async fn push_vm(
+    registry: &Registry,
+    vm: &VmDir,
+    references: &[String],
+    options: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<Pushed> {
+    registry.authenticate(oci_client::RegistryOperation::Push).await?;
+    let config = vm.config()?;
+
+    progress.line("pushing config...");
+    let config_bytes = tart_home::tart_compact_json(&config);
+    let config_layer = push_small_blob(registry, media::VM_CONFIG, config_bytes, options).await?;
+
+    progress.line("pushing disk... this will take a while...");
+    let disk_path = vm.disk_path();
+    let disk = Arc::new(File::open(&disk_path).with_context(|| format!("failed to open {}", disk_path.display()))?);
+    let disk_size = disk.metadata()?.len();
+    progress.begin(disk_size);
+    let chunks = disk_size.div_ceil(media::DISK_CHUNK_SIZE);
+    let disk_layers: Result<Vec<Descriptor>> = futures_util::stream::iter(0..chunks)
+        .map(|index| push_disk_chunk(registry, disk.clone(), index, disk_size, options, progress))
+        .buffered(options.concurrency.max(1))
+        .try_collect()
+        .await;
+    progress.end();
+    let disk_layers = disk_layers?;
+
+    progress.line("pushing NVRAM...");
+    let nvram = std::fs::read(vm.nvram_path()).context("failed to read nvram.bin")?;
+    let nvram_layer = push_small_blob(registry, media::NVRAM, nvram, options).await?;
+
+    let mut labels = options.labels.clone();
+    labels.insert(media::DISK_FORMAT_LABEL.into(), config.disk_format.as_str().into());
+    let oci_config = oci_config_blob(config.arch.as_str(), config.os.as_str(), &labels);
+    let oci_config_layer = push_small_blob(registry, media::OCI_CONFIG, oci_config, options).await?;
+
+    let mut layers = vec![config_layer];
+    layers.extend(disk_layers);
+    layers.push(nvram_layer);
+    let manifest = Bytes::from(build_manifest(&oci_config_layer, &layers, disk_size, &upload_time()));
+    for reference in references {
+        progress.line(&format!("pushing manifest for {reference}..."));
+        with_retries("pushing manifest", || {
+            registry.push_manifest(reference, manifest.clone())
+        })
+        .await?;
+    }
+    Ok(Pushed {
+        digest: sha256_digest(&manifest),
+        manifest,
+    })
+}
+
+/// Re-tags an image the target repository already has: fetch its manifest by digest and put
+/// it under each new reference, byte for byte.
+pub async fn retag(registry: &Registry, digest: &str, references: &[String], progress: &dyn Progress) -> Result<()> {
+    let (manifest, _) = with_retries("pulling manifest", || registry.manifest(digest)).await?;
+    for reference in references {
+        progress.line(&format!("pushing manifest for {reference}..."));
+        with_retries("pushing manifest", || {
+            registry.push_manifest(reference, manifest.clone())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+fn upload_time() -> String {
+    let format = time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second]Z");
+    time::OffsetDateTime::now_utc()
+        .format(format)
+        .expect("a fixed format always formats")
+}
+
+async fn push_small_blob(
+    registry: &Registry,
+    media_type: &str,
+    data: Vec<u8>,
+    options: &PushOptions,
+) -> Result<Descriptor> {
+    let digest = sha256_digest(&data);
+    let data = Bytes::from(data);
+    with_retries("pushing blob", || {
+        registry.push_blob(data.clone(), &digest, options.chunk_size)
+    })
+    .await?;
+    Ok(descriptor(media_type, data.len() as u64, &digest, HashMap::new()))
+}
+
+async fn push_disk_chunk(
+    registry: &Registry,
+    disk: Arc<File>,
+    index: u64,
+    disk_size: u64,
+    options: &PushOptions,
+    progress: &dyn Progress,
+) -> Result<Descriptor> {
+    let offset = index * media::DISK_CHUNK_SIZE;
+    let length = media::DISK_CHUNK_SIZE.min(disk_size - offset);
+    let (compressed, uncompressed_digest) = tokio::task::spawn_blocking(move || compress_chunk(&disk, offset, length))
+        .await?
+        .with_context(|| format!("failed to read disk.img at offset {offset}"))?;
+    let digest = sha256_digest(&compressed);
+    let compressed = Bytes::from(compressed);
+    with_retries("pushing disk", || async {
+        if registry.blob_exists(&digest).await? {
+            return Ok(());
+        }
+        for namespace in options
+            .mount_from
+            .get(&digest)
+            .into_iter()
+            .flatten()
+            .filter(|ns| *ns != registry.namespace())
+        {
+            if registry.mount(&digest, namespace).await && registry.blob_exists(&digest).await? {
+                return Ok(());
+            }
+        }
+        registry
+            .push_blob(compressed.clone(), &digest, options.chunk_size)
+            .await
+    })
+    .await?;
+    progress.advance(length);
+    let annotations = HashMap::from([
+        (media::UNCOMPRESSED_SIZE.to_owned(), length.to_string()),
+        (media::UNCOMPRESSED_CONTENT_DIGEST.to_owned(), uncompressed_digest),
+    ]);
+    Ok(descriptor(
+        media::DISK_V2,
+        compressed.len() as u64,
+        &digest,
+        annotations,
+    ))
+}
+
+/// Reads one chunk in pieces, hashing and compressing as it goes, so only the compressed
+/// output is held in memory.
+fn compress_chunk(disk: &File, offset: u64, length: u64) -> std::io::Result<(Vec<u8>, String)> {
+    const PIECE: usize = 4 << 20;
+    let mut encoder = apple_lz4::Encoder::new(Vec::new());
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; PIECE];
+    let mut done = 0u64;
+    while done < length {
+        let n = (length - done).min(PIECE as u64) as usize;
+        disk.read_exact_at(&mut buffer[..n], offset + done)?;
+        hasher.update(&buffer[..n]);
+        encoder.write_all(&buffer[..n])?;
+        done += n as u64;
+    }
+    Ok((encoder.finish()?, format!("sha256:{:x}", hasher.finalize())))
+}
