@@ -1,6 +1,7 @@
 use std::fs::{File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 /// Copies `src` to a new file `dst` as cheaply as the filesystem allows: a reflink (shared
@@ -15,15 +16,24 @@ pub fn clone_file(src: &Path, dst: &Path) -> io::Result<()> {
     }
     let len = source.metadata()?.len();
     target.set_len(len)?;
-    copy_data_regions(&source, &target, len)?;
+    copy_sparse_range(&source, 0, &target, 0, len)?;
     target.sync_all()
 }
 
-/// Walks the data regions with SEEK_DATA/SEEK_HOLE and copies each with copy_file_range, which
-/// the kernel may itself turn into a server-side or reflink copy.
-fn copy_data_regions(source: &File, target: &File, len: u64) -> io::Result<()> {
-    let mut offset = 0u64;
-    while offset < len {
+/// Copies `len` bytes of `source` from `source_start` to `target` at `target_start`, data
+/// regions only (found with SEEK_DATA/SEEK_HOLE), each with copy_file_range, which the kernel
+/// may turn into a reflink. Holes in the source are not written: the target range must read as
+/// zeros already (a fresh sparse file, or a punched range).
+pub fn copy_sparse_range(
+    source: &File,
+    source_start: u64,
+    target: &File,
+    target_start: u64,
+    len: u64,
+) -> io::Result<()> {
+    let end = source_start + len;
+    let mut offset = source_start;
+    while offset < end {
         let data_start = match lseek(source, offset, libc::SEEK_DATA) {
             Ok(start) => start,
             Err(err) if err.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
@@ -31,19 +41,23 @@ fn copy_data_regions(source: &File, target: &File, len: u64) -> io::Result<()> {
             Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offset,
             Err(err) => return Err(err),
         };
-        let data_end = lseek(source, data_start, libc::SEEK_HOLE).unwrap_or(len).min(len);
-        copy_range(source, target, data_start, data_end)?;
+        if data_start >= end {
+            return Ok(());
+        }
+        let data_end = lseek(source, data_start, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        let shift = |pos: u64| pos - source_start + target_start;
+        copy_range(source, target, data_start, shift(data_start), data_end - data_start)?;
         offset = data_end;
     }
     Ok(())
 }
 
-fn copy_range(source: &File, target: &File, start: u64, end: u64) -> io::Result<()> {
-    let mut offset = start;
-    while offset < end {
-        let mut src_off = offset as libc::loff_t;
-        let mut dst_off = offset as libc::loff_t;
-        let chunk = (end - offset).min(1 << 30) as usize;
+fn copy_range(source: &File, target: &File, source_start: u64, target_start: u64, len: u64) -> io::Result<()> {
+    let mut done = 0u64;
+    while done < len {
+        let mut src_off = (source_start + done) as libc::loff_t;
+        let mut dst_off = (target_start + done) as libc::loff_t;
+        let chunk = (len - done).min(1 << 30) as usize;
         // SAFETY: valid descriptors and offset pointers that live across the call.
         let copied = unsafe {
             libc::copy_file_range(
@@ -62,13 +76,19 @@ fn copy_range(source: &File, target: &File, start: u64, end: u64) -> io::Result<
                     "source file shrank during the copy",
                 ))
             }
-            n if n > 0 => offset += n as u64,
+            n if n > 0 => done += n as u64,
             _ => {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EINTR) => {}
                     Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
-                        return copy_range_by_hand(source, target, offset, end);
+                        return copy_range_by_hand(
+                            source,
+                            target,
+                            source_start + done,
+                            target_start + done,
+                            len - done,
+                        );
                     }
                     _ => return Err(err),
                 }
@@ -79,18 +99,16 @@ fn copy_range(source: &File, target: &File, start: u64, end: u64) -> io::Result<
 }
 
 /// The portable fallback: read and write, skipping all-zero blocks so they stay holes.
-fn copy_range_by_hand(mut source: &File, mut target: &File, start: u64, end: u64) -> io::Result<()> {
+fn copy_range_by_hand(source: &File, target: &File, source_start: u64, target_start: u64, len: u64) -> io::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
-    source.seek(SeekFrom::Start(start))?;
-    let mut offset = start;
-    while offset < end {
-        let want = (end - offset).min(buf.len() as u64) as usize;
-        source.read_exact(&mut buf[..want])?;
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        source.read_exact_at(&mut buf[..want], source_start + done)?;
         if buf[..want].iter().any(|&b| b != 0) {
-            target.seek(SeekFrom::Start(offset))?;
-            target.write_all(&buf[..want])?;
+            target.write_all_at(&buf[..want], target_start + done)?;
         }
-        offset += want as u64;
+        done += want as u64;
     }
     Ok(())
 }
@@ -108,7 +126,7 @@ fn lseek(file: &File, offset: u64, whence: libc::c_int) -> io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{FileExt, MetadataExt};
+    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn sparse_file_clones_without_filling_holes() {

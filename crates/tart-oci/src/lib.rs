@@ -9,6 +9,7 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod registry;
+mod reuse;
 mod sink;
 
 pub use cache::{CacheEntry, OciCache};

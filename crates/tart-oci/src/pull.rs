@@ -20,7 +20,8 @@ use tokio::sync::mpsc;
 
 use crate::manifest::{sha256_digest, DiskLayer, DiskLayers, TartManifest};
 use crate::progress::Progress;
-use crate::registry::{is_transient, Registry};
+use crate::registry::{back_off, is_transient, Registry, ATTEMPTS};
+use crate::reuse::{copy_verified, is_zero_chunk, LocalChunks};
 use crate::{OciCache, Reference, RemoteName};
 
 #[derive(Clone, Debug)]
@@ -33,7 +34,6 @@ pub struct PullOptions {
 
 /// Room kept free beyond the image itself, as Tart does.
 const PRUNE_RESERVE: u64 = 128 << 20;
-const ATTEMPTS: u32 = 5;
 
 /// Pulls `name` into the cache and returns the cached image.
 pub async fn pull(
@@ -82,7 +82,16 @@ pub async fn pull(
                         .context("failed to prune the OCI cache")?;
                 }
             }
-            download(registry, &manifest, &manifest_bytes, staging.path(), options, progress).await?;
+            download(
+                registry,
+                cache,
+                &manifest,
+                &manifest_bytes,
+                staging.path(),
+                options,
+                progress,
+            )
+            .await?;
             let parent = image_dir.parent().expect("cache paths have parents");
             fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
             match staging.persist(&image_dir, false) {
@@ -118,6 +127,7 @@ fn file_name(path: &Path) -> String {
 
 async fn download(
     registry: &Registry,
+    cache: &OciCache,
     manifest: &TartManifest,
     manifest_bytes: &[u8],
     staging: &Path,
@@ -132,7 +142,7 @@ async fn download(
     ));
     progress.begin(compressed);
     let disk = match &manifest.disk {
-        DiskLayers::V2(layers) => pull_disk_v2(registry, layers, staging, options, progress).await,
+        DiskLayers::V2(layers) => pull_disk_v2(registry, cache, layers, staging, options, progress).await,
         DiskLayers::V1(layers) => pull_disk_v1(registry, layers, staging, progress).await,
     };
     progress.end();
@@ -190,6 +200,7 @@ impl Journal {
 
 async fn pull_disk_v2(
     registry: &Registry,
+    cache: &OciCache,
     layers: &[DiskLayer],
     staging: &Path,
     options: &PullOptions,
@@ -203,21 +214,27 @@ async fn pull_disk_v2(
             progress.advance(layer.descriptor.size());
         }
     }
+    let local = LocalChunks::scan(cache);
+    let reused = std::sync::atomic::AtomicU64::new(0);
     futures_util::stream::iter(layers.iter().enumerate().filter(|(i, _)| !journal.done.contains(i)))
         .map(|(index, layer)| {
             let disk = disk.clone();
             let journal = &journal;
+            let local = &local;
+            let reused = &reused;
             async move {
-                pull_layer(
-                    registry,
-                    &layer.descriptor,
-                    disk.clone(),
-                    layer.offset,
-                    Some(layer.uncompressed_size),
-                    progress,
-                )
-                .await
-                .and_then(|(size, digest)| {
+                if obtain_locally(layer, &disk, local, progress).await? {
+                    reused.fetch_add(layer.descriptor.size(), std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    let (size, digest) = pull_layer(
+                        registry,
+                        &layer.descriptor,
+                        disk.clone(),
+                        layer.offset,
+                        Some(layer.uncompressed_size),
+                        progress,
+                    )
+                    .await?;
                     ensure!(
                         size == layer.uncompressed_size,
                         "disk layer {} decompressed to {size} bytes, the manifest declares {}",
@@ -230,8 +247,7 @@ async fn pull_disk_v2(
                         layer.descriptor.digest(),
                         layer.uncompressed_digest
                     );
-                    Ok(())
-                })?;
+                }
                 disk.sync_data().context("failed to sync disk.img")?;
                 journal.record(index)
             }
@@ -239,7 +255,47 @@ async fn pull_disk_v2(
         .buffer_unordered(options.concurrency.max(1))
         .try_collect::<Vec<()>>()
         .await?;
+    let reused = reused.into_inner();
+    if reused > 0 {
+        progress.line(&format!(
+            "avoided fetching {:.1} GB: those disk chunks were all zeros or already in local images",
+            reused as f64 / 1e9
+        ));
+    }
     Ok(())
+}
+
+/// Fills a chunk without the network when it is all zeros or a cached image has it.
+async fn obtain_locally(
+    layer: &DiskLayer,
+    disk: &Arc<File>,
+    local: &LocalChunks,
+    progress: &dyn Progress,
+) -> Result<bool> {
+    let source = local.find(layer).map(|(path, offset)| (path.to_owned(), offset));
+    let layer_copy = layer.clone();
+    let disk = disk.clone();
+    let obtained = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
+        if is_zero_chunk(&layer_copy) {
+            crate::sink::punch_hole(&disk, layer_copy.offset, layer_copy.uncompressed_size)?;
+            return Ok(true);
+        }
+        match source {
+            Some((path, offset)) => copy_verified(&path, offset, &disk, &layer_copy),
+            None => Ok(false),
+        }
+    })
+    .await?
+    .with_context(|| {
+        format!(
+            "failed to reuse a local copy of disk layer {}",
+            layer.descriptor.digest()
+        )
+    })?;
+    if obtained {
+        progress.advance(layer.descriptor.size());
+    }
+    Ok(obtained)
 }
 
 /// Tart < 2.0 images: one compressed stream cut into layers, decoded in order.
@@ -381,9 +437,7 @@ async fn stream_blob(
             Ok(()) => break,
             Err(err) if attempt < ATTEMPTS && is_transient(&err) => {
                 eprintln!("Error pulling image: \"{err:#}\", attempting to re-try...");
-                let ceiling =
-                    std::time::Duration::from_secs(1u64 << attempt.min(4)).min(std::time::Duration::from_secs(20));
-                tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
+                back_off(attempt).await;
             }
             Err(err) => return Err(err),
         }

@@ -314,18 +314,24 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
-    const ATTEMPTS: u32 = 5;
     let mut tries = 0;
     loop {
         tries += 1;
         match attempt().await {
             Err(err) if tries < ATTEMPTS && is_transient(&err) => {
                 eprintln!("Error {what}: \"{err:#}\", attempting to re-try...");
-                let ceiling = Duration::from_secs(1u64 << tries.min(4)).min(Duration::from_secs(20));
-                let pause = ceiling.mul_f64(rand::random::<f64>());
-                tokio::time::sleep(pause).await;
+                back_off(tries).await;
             }
             other => return other,
         }
     }
+}
+
+/// Attempts before a transport error is final.
+pub(crate) const ATTEMPTS: u32 = 5;
+
+/// Exponential backoff with full jitter before attempt `tries + 1`.
+pub(crate) async fn back_off(tries: u32) {
+    let ceiling = Duration::from_secs(1u64 << tries.min(4)).min(Duration::from_secs(20));
+    tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
 }
