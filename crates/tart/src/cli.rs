@@ -123,6 +123,10 @@ pub struct PullFlags {
     /// Number of layers to download in parallel
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..))]
     pub concurrency: u32,
+    /// Accepted for Tart compatibility: chunks already in local images are always reused (and
+    /// share extents with them on reflink filesystems)
+    #[arg(long, hide = true)]
+    pub deduplicate: bool,
 }
 
 #[derive(Args, Debug)]
