@@ -8,6 +8,9 @@ use tart_home::{TartHome, VmDir};
 
 use crate::{Reference, RemoteName};
 
+/// Marks an image pulled by digest, which GC keeps although no tag points to it.
+pub(crate) const EXPLICITLY_PULLED: &str = ".explicitly-pulled";
+
 /// The OCI image cache, `cache/OCIs/<host>/<namespace…>/{sha256:<hex>/, <tag> -> sha256:<hex>}`.
 #[derive(Clone, Debug)]
 pub struct OciCache {
@@ -203,7 +206,7 @@ impl OciCache {
         })?;
         for dir in digest_dirs {
             let linked = fs::canonicalize(&dir).is_ok_and(|real| incoming.contains_key(&real));
-            if !linked && !dir.join(".explicitly-pulled").exists() {
+            if !linked && !dir.join(EXPLICITLY_PULLED).exists() {
                 fs::remove_dir_all(&dir)?;
             }
         }

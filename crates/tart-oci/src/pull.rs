@@ -18,6 +18,7 @@ use sha2::{Digest as _, Sha256};
 use tart_home::{AccessDate, StagingDir, TartHome, VmDir, PULL_STAGING_PREFIX};
 use tokio::sync::mpsc;
 
+use crate::cache::EXPLICITLY_PULLED;
 use crate::manifest::{sha256_digest, DiskLayer, DiskLayers, TartManifest};
 use crate::progress::Progress;
 use crate::registry::{back_off, is_transient, Registry, ATTEMPTS};
@@ -106,7 +107,7 @@ pub async fn pull(
         link(&tag_path, &image_dir)?;
         cache.gc().context("OCI storage error")?;
     } else {
-        File::create(image_dir.join(".explicitly-pulled")).context("failed to mark the image as pulled by digest")?;
+        File::create(image_dir.join(EXPLICITLY_PULLED)).context("failed to mark the image as pulled by digest")?;
     }
     image.set_access_date(AccessDate::Now)?;
     Ok(image)
