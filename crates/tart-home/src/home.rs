@@ -164,19 +164,26 @@ pub(crate) fn remove_path(path: &Path) -> io::Result<()> {
 pub struct StagingDir {
     path: PathBuf,
     lock: Option<FileLock>,
+    /// Resumable work (a pull) keeps what it staged when it fails; the next attempt goes on.
+    keep_on_drop: bool,
 }
 
 impl StagingDir {
-    /// Creates (or reuses, for resumable work keyed by content) the directory and locks it.
+    /// Creates the directory and locks it; it is removed when dropped unless persisted.
     pub fn create(path: PathBuf) -> Result<Self> {
-        Self::create_or_wait(path, || {})
+        Self::lock_dir(path, || {}, false)
     }
 
-    /// Like [`StagingDir::create`], calling `on_wait` first if another process holds the
-    /// directory, so the user learns why nothing happens. The lock is only kept once it is known
-    /// to be on the directory now at `path`: a previous holder may have renamed or removed it
-    /// while we waited.
-    pub fn create_or_wait(path: PathBuf, on_wait: impl FnOnce()) -> Result<Self> {
+    /// Creates or reuses a staging directory for resumable work keyed by its content, calling
+    /// `on_wait` first if another process holds it, so the user learns why nothing happens.
+    /// Unlike [`StagingDir::create`], a dropped one keeps its contents for the next attempt.
+    pub fn resumable(path: PathBuf, on_wait: impl FnOnce()) -> Result<Self> {
+        Self::lock_dir(path, on_wait, true)
+    }
+
+    /// The lock is only kept once it is known to be on the directory now at `path`: a previous
+    /// holder may have renamed or removed it while we waited.
+    fn lock_dir(path: PathBuf, on_wait: impl FnOnce(), keep_on_drop: bool) -> Result<Self> {
         let mut on_wait = Some(on_wait);
         loop {
             match fs::create_dir(&path) {
@@ -201,7 +208,11 @@ impl StagingDir {
                 }
             };
             if lock.is_at(&path) {
-                return Ok(StagingDir { path, lock: Some(lock) });
+                return Ok(StagingDir {
+                    path,
+                    lock: Some(lock),
+                    keep_on_drop,
+                });
             }
         }
     }
@@ -218,6 +229,7 @@ impl StagingDir {
         if replace && target.exists() {
             renameat2(&self.path, target, libc::RENAME_EXCHANGE).map_err(io_context(context()))?;
             // `self.path` now holds the replaced VM; dropping `self` deletes it.
+            self.keep_on_drop = false;
             return Ok(());
         }
         match renameat2(&self.path, target, libc::RENAME_NOREPLACE) {
@@ -234,9 +246,16 @@ impl StagingDir {
     }
 }
 
+impl StagingDir {
+    /// Removes the directory now, whatever kind it is.
+    pub fn discard(mut self) {
+        self.keep_on_drop = false;
+    }
+}
+
 impl Drop for StagingDir {
     fn drop(&mut self) {
-        if !self.path.as_os_str().is_empty() {
+        if !self.keep_on_drop && !self.path.as_os_str().is_empty() {
             let _ = remove_path(&self.path);
         }
         self.lock = None;

@@ -64,10 +64,12 @@ pub async fn pull(
         // The staging directory's lock is the per-image lock: a second pull of the same image
         // waits here, then finds it cached; pulls of other images go on in parallel.
         let staging = tokio::task::spawn_blocking(move || {
-            StagingDir::create_or_wait(staging_path, || eprintln!("waiting for lock..."))
+            StagingDir::resumable(staging_path, || eprintln!("waiting for lock..."))
         })
         .await??;
         if cached(&image_dir) {
+            // Another pull finished it while we waited for its lock.
+            staging.discard();
             progress.line(&format!("{digest_name} image is already cached! creating a symlink..."));
         } else {
             if by_tag {

@@ -2,11 +2,12 @@
 //! (compressed and uploaded in parallel, skipped when the registry already has them), NVRAM, the
 //! stub OCI config and the manifest.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -60,8 +61,9 @@ pub async fn push_vm(
     let disk_size = disk.metadata()?.len();
     progress.begin(disk_size);
     let chunks = disk_size.div_ceil(media::DISK_CHUNK_SIZE);
+    let claimed = Mutex::new(HashSet::new());
     let disk_layers: Result<Vec<Descriptor>> = futures_util::stream::iter(0..chunks)
-        .map(|index| push_disk_chunk(registry, disk.clone(), index, disk_size, options, progress))
+        .map(|index| push_disk_chunk(registry, disk.clone(), index, disk_size, options, &claimed, progress))
         .buffered(options.concurrency.max(1))
         .try_collect()
         .await;
@@ -130,12 +132,15 @@ async fn push_small_blob(
     Ok(descriptor(media_type, data.len() as u64, &digest, HashMap::new()))
 }
 
+/// `claimed`: digests another chunk of this push already uploads, so identical chunks (all-zero
+/// ones above all) go up once.
 async fn push_disk_chunk(
     registry: &Registry,
     disk: Arc<File>,
     index: u64,
     disk_size: u64,
     options: &PushOptions,
+    claimed: &Mutex<HashSet<String>>,
     progress: &dyn Progress,
 ) -> Result<Descriptor> {
     let offset = index * media::DISK_CHUNK_SIZE;
@@ -145,7 +150,11 @@ async fn push_disk_chunk(
         .with_context(|| format!("failed to read disk.img at offset {offset}"))?;
     let digest = sha256_digest(&compressed);
     let compressed = Bytes::from(compressed);
+    let first = claimed.lock().expect("claim set poisoned").insert(digest.clone());
     with_retries("pushing disk", || async {
+        if !first {
+            return Ok(());
+        }
         if registry.blob_exists(&digest).await? {
             return Ok(());
         }
@@ -179,19 +188,63 @@ async fn push_disk_chunk(
 }
 
 /// Reads one chunk in pieces, hashing and compressing as it goes, so only the compressed
-/// output is held in memory.
+/// output is held in memory. Holes are not read (zeros come from memory), and a chunk that is
+/// all hole is the same precomputed blob every time: most of a VM disk is holes.
 fn compress_chunk(disk: &File, offset: u64, length: u64) -> std::io::Result<(Vec<u8>, String)> {
-    const PIECE: usize = 4 << 20;
+    let mut data_at = next_data(disk, offset)?;
+    if length == media::DISK_CHUNK_SIZE && data_at >= offset + length {
+        let (compressed, digest) = zero_chunk();
+        return Ok((compressed.clone(), digest.clone()));
+    }
     let mut encoder = apple_lz4::Encoder::new(Vec::new());
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; PIECE];
     let mut done = 0u64;
     while done < length {
+        let position = offset + done;
         let n = (length - done).min(PIECE as u64) as usize;
-        disk.read_exact_at(&mut buffer[..n], offset + done)?;
-        hasher.update(&buffer[..n]);
-        encoder.write_all(&buffer[..n])?;
+        if data_at < position {
+            data_at = next_data(disk, position)?;
+        }
+        let piece = if data_at >= position + n as u64 {
+            &ZEROS[..n]
+        } else {
+            disk.read_exact_at(&mut buffer[..n], position)?;
+            &buffer[..n]
+        };
+        hasher.update(piece);
+        encoder.write_all(piece)?;
         done += n as u64;
     }
     Ok((encoder.finish()?, format!("sha256:{:x}", hasher.finalize())))
+}
+
+const PIECE: usize = 4 << 20;
+static ZEROS: [u8; PIECE] = [0; PIECE];
+
+/// Where the next data after `position` starts (`u64::MAX` if none); where the filesystem
+/// cannot tell, everything is data.
+fn next_data(disk: &File, position: u64) -> std::io::Result<u64> {
+    // SAFETY: lseek on a descriptor we own.
+    let found = unsafe { libc::lseek(disk.as_raw_fd(), position as libc::off_t, libc::SEEK_DATA) };
+    if found >= 0 {
+        return Ok(found as u64);
+    }
+    match std::io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => Ok(u64::MAX),
+        _ => Ok(position),
+    }
+}
+
+/// The compressed blob and uncompressed digest of a 512 MiB all-zero chunk.
+fn zero_chunk() -> &'static (Vec<u8>, String) {
+    static ZERO_CHUNK: OnceLock<(Vec<u8>, String)> = OnceLock::new();
+    ZERO_CHUNK.get_or_init(|| {
+        let mut encoder = apple_lz4::Encoder::new(Vec::new());
+        for _ in 0..media::DISK_CHUNK_SIZE / PIECE as u64 {
+            encoder.write_all(&ZEROS).expect("writing to memory cannot fail");
+        }
+        let compressed = encoder.finish().expect("writing to memory cannot fail");
+        (compressed, crate::reuse::ZEROS_512_MIB.to_owned())
+    })
 }

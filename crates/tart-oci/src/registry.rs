@@ -289,7 +289,9 @@ impl Registry {
 
     fn describe(&self, err: OciDistributionError, doing: &str) -> anyhow::Error {
         let hint = match &err {
-            OciDistributionError::AuthenticationFailure(_) | OciDistributionError::UnauthorizedError { .. } => {
+            OciDistributionError::AuthenticationFailure(_)
+            | OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::ServerError { code: 401 | 403, .. } => {
                 format!(
                     " (check your credentials: `tart login {}`, TART_REGISTRY_USERNAME/TART_REGISTRY_PASSWORD or ~/.docker/config.json)",
                     self.host

@@ -14,7 +14,7 @@ use crate::manifest::{DiskLayer, DiskLayers, TartManifest};
 use crate::OciCache;
 
 /// Digest of 512 MiB of zeros, the chunk every sparse disk is mostly made of.
-const ZEROS_512_MIB: &str = "sha256:9acca8e8c22201155389f65abbf6bc9723edc7384ead80503839f49dcc56d767";
+pub(crate) const ZEROS_512_MIB: &str = "sha256:9acca8e8c22201155389f65abbf6bc9723edc7384ead80503839f49dcc56d767";
 
 /// Whether the chunk is all zeros, decided from the manifest alone.
 pub fn is_zero_chunk(layer: &DiskLayer) -> bool {

@@ -1,0 +1,447 @@
+//! [`VmSpec`] → QEMU command line. Pure: no file system access, no environment.
+
+use std::collections::BTreeMap;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+
+use tart_home::Arch;
+
+use crate::host::Accel;
+use crate::spec::{NetworkAttachment, SerialDevice, SerialPort, VmSpec};
+use crate::{Error, Result};
+
+/// What a run adds to the spec: where QEMU's QMP socket goes and which inherited descriptors
+/// carry the NICs that need them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Runtime {
+    /// QMP control socket; QEMU listens, we connect. It lives in a private directory with a
+    /// short path (a Unix socket path must fit in 108 bytes, `$TART_HOME/vms/<name>/` need not).
+    pub qmp_socket: PathBuf,
+    /// For NIC `index`, the descriptor QEMU inherits as its connected stream socket (passt).
+    pub netdev_fds: BTreeMap<usize, RawFd>,
+}
+
+/// Id of the chardev of the guest console (reported by `query-chardev`).
+pub(crate) const SERIAL_CHARDEV: &str = "serial0";
+
+const MIB: u64 = 1 << 20;
+
+/// The arguments (without the program) that run `spec`, with runtime files under `runtime`.
+///
+/// The VM starts paused (`-S`) and QEMU waits for the QMP client before it even creates the
+/// machine (`wait=on`): [`crate::RunningVm::start`] sets things up (VNC password, restore) and then
+/// sends `cont`, so no guest instruction runs and no event is emitted before we are attached.
+pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
+    if spec.cpus == 0 {
+        return Err(Error::InvalidSpec("the VM needs at least one CPU".into()));
+    }
+    if spec.memory_bytes < MIB {
+        return Err(Error::InvalidSpec(format!(
+            "the VM needs at least 1 MiB of memory, not {} bytes",
+            spec.memory_bytes
+        )));
+    }
+    let mut args: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| args.extend(items.iter().map(|s| s.to_string()));
+
+    push(&["-name", &format!("guest={},debug-threads=on", escape(&spec.name))]);
+    // Nothing we did not ask for: no default NIC, VGA, CD-ROM, monitor or serial port on stdio,
+    // and no /etc/qemu config.
+    push(&["-nodefaults", "-no-user-config", "-S"]);
+    push(&["-accel", spec.accel.as_str()]);
+
+    // RAM as a shared memfd, so vhost-user devices (virtiofsd, vhost-device-vsock) can be added.
+    let memory_mib = spec.memory_bytes.div_ceil(MIB);
+    let machine = match spec.arch {
+        // smm=off: the plain OVMF build needs no SMM and emulating it costs seconds under TCG.
+        Arch::Amd64 => "q35,smm=off,vmport=off,memory-backend=ram0",
+        // gic-version=max: GICv3 where possible (more than 8 vCPUs), under KVM and TCG alike.
+        Arch::Arm64 => "virt,gic-version=max,memory-backend=ram0",
+    };
+    push(&["-machine", machine]);
+    let cpu = match (spec.accel, spec.arch) {
+        (Accel::Kvm, _) => "host",
+        (Accel::Tcg, Arch::Amd64) => "max",
+        // pauth-impdef: QEMU's cheap pointer-authentication hash instead of emulated QARMA5,
+        // which otherwise dominates TCG time on arm64 guests.
+        (Accel::Tcg, Arch::Arm64) => "max,pauth-impdef=on",
+    };
+    push(&["-cpu", cpu]);
+    push(&["-smp", &spec.cpus.to_string()]);
+    push(&["-m", &format!("{memory_mib}M")]);
+    push(&[
+        "-object",
+        &format!("memory-backend-memfd,id=ram0,size={memory_mib}M,share=on"),
+    ]);
+
+    push(&[
+        "-drive",
+        &format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            path_opt(&spec.firmware_code)?
+        ),
+    ]);
+    push(&[
+        "-drive",
+        &format!("if=pflash,format=raw,unit=1,file={}", path_opt(&spec.nvram)?),
+    ]);
+
+    let disk = &spec.root_disk_options;
+    let mut drive = format!(
+        "if=none,id=root,format=raw,file={},{}",
+        path_opt(&spec.root_disk)?,
+        disk.qemu_cache().drive_option()
+    );
+    if disk.read_only {
+        drive.push_str(",readonly=on");
+    } else {
+        // Guest TRIM punches holes into the sparse image instead of leaving it to grow.
+        drive.push_str(",discard=unmap");
+    }
+    push(&["-drive", &drive]);
+    push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]);
+
+    if spec.entropy {
+        push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
+        push(&["-device", "virtio-rng-pci,rng=rng0"]);
+    }
+
+    for (index, nic) in spec.network.iter().enumerate() {
+        let id = format!("net{index}");
+        let netdev = match &nic.attachment {
+            NetworkAttachment::Slirp { restrict } => {
+                format!("user,id={id}{}", if *restrict { ",restrict=on" } else { "" })
+            }
+            // One end of a socket pair; passt has the other (no socket file: passt drops root
+            // for `nobody`, who could not reach one in our private directory).
+            NetworkAttachment::Passt { .. } => {
+                let fd = runtime
+                    .netdev_fds
+                    .get(&index)
+                    .ok_or_else(|| Error::InvalidSpec(format!("NIC {index} uses passt but has no socket to it")))?;
+                format!("stream,id={id},server=off,addr.type=fd,addr.str={fd}")
+            }
+        };
+        push(&["-netdev", &netdev]);
+        // romfile=: no iPXE option ROM; the VM boots from disk and the ROM costs seconds of
+        // firmware time under TCG.
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev={id},mac={},romfile=", nic.mac),
+        ]);
+    }
+
+    if let Some(size) = spec.display {
+        push(&[
+            "-device",
+            &format!("virtio-gpu-pci,xres={},yres={}", size.width, size.height),
+        ]);
+    }
+    if spec.keyboard || spec.pointer {
+        push(&["-device", "qemu-xhci,id=usb"]);
+    }
+    if spec.keyboard {
+        push(&["-device", "usb-kbd,bus=usb.0"]);
+    }
+    if spec.pointer {
+        push(&["-device", "usb-tablet,bus=usb.0"]);
+    }
+
+    let chardev = match &spec.serial {
+        SerialPort::None => format!("null,id={SERIAL_CHARDEV}"),
+        SerialPort::Pty => format!("pty,id={SERIAL_CHARDEV}"),
+        SerialPort::File(path) => format!("file,id={SERIAL_CHARDEV},path={},append=on", path_opt(path)?),
+        SerialPort::Tty(path) => format!("serial,id={SERIAL_CHARDEV},path={}", path_opt(path)?),
+    };
+    push(&["-chardev", &chardev]);
+    match spec.serial_device {
+        SerialDevice::Uart => push(&["-serial", &format!("chardev:{SERIAL_CHARDEV}")]),
+        SerialDevice::VirtioConsole => {
+            push(&["-device", "virtio-serial-pci,id=vser0"]);
+            push(&["-device", &format!("virtconsole,chardev={SERIAL_CHARDEV},bus=vser0.0")]);
+        }
+    }
+
+    push(&["-display", "none"]);
+    if spec.vnc {
+        // First free port from 5900 on; the password is set over QMP before the guest runs
+        // (until then, password=on lets nobody in).
+        push(&["-vnc", "127.0.0.1:0,to=99,password=on"]);
+    }
+
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=qmp,path={},server=on,wait=on",
+            path_opt(&runtime.qmp_socket)?
+        ),
+    ]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+
+    if spec.restore_from.is_some() {
+        // The state arrives later over QMP (migrate-incoming with a file descriptor).
+        push(&["-incoming", "defer"]);
+    }
+    args.extend(spec.extra_args.iter().cloned());
+    Ok(args)
+}
+
+/// QEMU option values end at a comma; a literal comma is written twice.
+fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+fn path_opt(path: &Path) -> Result<String> {
+    path.to_str()
+        .map(escape)
+        .ok_or_else(|| Error::NonUtf8Path(path.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{DisplaySize, NetworkDevice};
+    use crate::RootDiskOptions;
+
+    fn typical() -> VmSpec {
+        VmSpec {
+            name: "ubuntu".into(),
+            qemu_binary: "/usr/bin/qemu-system-x86_64".into(),
+            arch: Arch::Amd64,
+            accel: Accel::Kvm,
+            cpus: 4,
+            memory_bytes: 4 << 30,
+            firmware_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+            nvram: "/root/.tart/vms/ubuntu/nvram.bin".into(),
+            root_disk: "/root/.tart/vms/ubuntu/disk.img".into(),
+            root_disk_options: RootDiskOptions::default(),
+            network: vec![NetworkDevice {
+                mac: "6e:35:1a:09:4c:b2".parse().unwrap(),
+                attachment: NetworkAttachment::Slirp { restrict: false },
+            }],
+            display: Some(DisplaySize {
+                width: 1024,
+                height: 768,
+            }),
+            vnc: true,
+            keyboard: true,
+            pointer: true,
+            entropy: true,
+            serial: SerialPort::Pty,
+            serial_device: SerialDevice::Uart,
+            restore_from: None,
+            extra_args: vec![],
+        }
+    }
+
+    fn runtime() -> Runtime {
+        Runtime {
+            qmp_socket: "/run/user/0/tart-qemu-x/qmp.sock".into(),
+            netdev_fds: BTreeMap::new(),
+        }
+    }
+
+    fn args(spec: &VmSpec) -> Vec<String> {
+        qemu_args(spec, &runtime()).unwrap()
+    }
+
+    /// The value following each occurrence of `flag`.
+    fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|pair| pair[0] == flag)
+            .map(|pair| pair[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn typical_vm_command_line() {
+        let line = args(&typical()).join(" ");
+        assert_eq!(
+            line,
+            "-name guest=ubuntu,debug-threads=on -nodefaults -no-user-config -S -accel kvm \
+             -machine q35,smm=off,vmport=off,memory-backend=ram0 -cpu host -smp 4 -m 4096M \
+             -object memory-backend-memfd,id=ram0,size=4096M,share=on \
+             -drive if=pflash,format=raw,unit=0,readonly=on,file=/usr/share/OVMF/OVMF_CODE_4M.fd \
+             -drive if=pflash,format=raw,unit=1,file=/root/.tart/vms/ubuntu/nvram.bin \
+             -drive if=none,id=root,format=raw,file=/root/.tart/vms/ubuntu/disk.img,cache=writeback,discard=unmap \
+             -device virtio-blk-pci,drive=root,bootindex=0 \
+             -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0 \
+             -netdev user,id=net0 -device virtio-net-pci,netdev=net0,mac=6e:35:1a:09:4c:b2,romfile= \
+             -device virtio-gpu-pci,xres=1024,yres=768 \
+             -device qemu-xhci,id=usb -device usb-kbd,bus=usb.0 -device usb-tablet,bus=usb.0 \
+             -chardev pty,id=serial0 -serial chardev:serial0 -display none \
+             -vnc 127.0.0.1:0,to=99,password=on \
+             -chardev socket,id=qmp,path=/run/user/0/tart-qemu-x/qmp.sock,server=on,wait=on \
+             -mon chardev=qmp,mode=control"
+        );
+    }
+
+    #[test]
+    fn accelerator_and_architecture_pick_machine_and_cpu() {
+        let mut spec = typical();
+        spec.accel = Accel::Tcg;
+        let a = args(&spec);
+        assert_eq!(values(&a, "-accel"), ["tcg"]);
+        assert_eq!(values(&a, "-cpu"), ["max"]);
+
+        spec.arch = Arch::Arm64;
+        let a = args(&spec);
+        assert_eq!(values(&a, "-machine"), ["virt,gic-version=max,memory-backend=ram0"]);
+        assert_eq!(values(&a, "-cpu"), ["max,pauth-impdef=on"]);
+        spec.accel = Accel::Kvm;
+        assert_eq!(values(&args(&spec), "-cpu"), ["host"]);
+    }
+
+    #[test]
+    fn memory_is_rounded_up_to_mib_and_matches_the_backend() {
+        let mut spec = typical();
+        spec.memory_bytes = (512 << 20) + 1;
+        let a = args(&spec);
+        assert_eq!(values(&a, "-m"), ["513M"]);
+        assert!(values(&a, "-object").contains(&"memory-backend-memfd,id=ram0,size=513M,share=on"));
+        spec.memory_bytes = 1000;
+        assert!(qemu_args(&spec, &runtime())
+            .unwrap_err()
+            .to_string()
+            .contains("at least 1 MiB"));
+        spec.memory_bytes = 1 << 30;
+        spec.cpus = 0;
+        assert!(qemu_args(&spec, &runtime()).is_err());
+    }
+
+    #[test]
+    fn root_disk_options_reach_the_drive() {
+        let mut spec = typical();
+        let root = |spec: &VmSpec| {
+            values(&args(spec), "-drive")
+                .into_iter()
+                .find(|d| d.starts_with("if=none,id=root"))
+                .unwrap()
+                .to_owned()
+        };
+        spec.root_disk_options = RootDiskOptions::parse("ro,caching=uncached").unwrap();
+        assert_eq!(
+            root(&spec),
+            "if=none,id=root,format=raw,file=/root/.tart/vms/ubuntu/disk.img,cache=none,readonly=on"
+        );
+        spec.root_disk_options = RootDiskOptions::parse("sync=none,caching=uncached").unwrap();
+        assert!(root(&spec).ends_with(",cache.direct=on,cache.no-flush=on,discard=unmap"));
+        spec.root_disk_options = RootDiskOptions::parse("sync=none").unwrap();
+        assert!(root(&spec).ends_with(",cache=unsafe,discard=unmap"));
+    }
+
+    #[test]
+    fn commas_in_paths_are_escaped() {
+        let mut spec = typical();
+        spec.name = "a,b".into();
+        spec.root_disk = "/vms/a,b/disk.img".into();
+        spec.serial = SerialPort::File("/tmp/x,y.log".into());
+        let a = args(&spec);
+        assert_eq!(values(&a, "-name"), ["guest=a,,b,debug-threads=on"]);
+        assert!(values(&a, "-drive")
+            .iter()
+            .any(|d| d.contains("file=/vms/a,,b/disk.img,cache")));
+        assert!(values(&a, "-chardev").contains(&"file,id=serial0,path=/tmp/x,,y.log,append=on"));
+    }
+
+    #[test]
+    fn non_utf8_paths_are_refused() {
+        use std::os::unix::ffi::OsStrExt;
+        let mut spec = typical();
+        spec.root_disk = PathBuf::from(std::ffi::OsStr::from_bytes(b"/vms/\xff/disk.img"));
+        let err = qemu_args(&spec, &runtime()).unwrap_err().to_string();
+        assert!(err.starts_with("path is not valid UTF-8"), "{err}");
+    }
+
+    #[test]
+    fn host_side_options_leave_the_hardware_alone() {
+        let mut headless = typical();
+        headless.vnc = false;
+        headless.serial = SerialPort::None;
+        let a = args(&headless);
+        assert!(!a.contains(&"-vnc".to_string()));
+        assert_eq!(values(&a, "-chardev")[0], "null,id=serial0");
+        // Same devices as with VNC and a pty: a state saved by one restores in the other.
+        let devices = |a: &[String]| values(a, "-device").into_iter().map(str::to_owned).collect::<Vec<_>>();
+        assert_eq!(devices(&a), devices(&args(&typical())));
+        assert_eq!(values(&a, "-serial"), ["chardev:serial0"]);
+    }
+
+    #[test]
+    fn serial_backends_and_devices() {
+        let mut spec = typical();
+        spec.serial = SerialPort::Tty("/dev/ttyUSB0".into());
+        spec.serial_device = SerialDevice::VirtioConsole;
+        let a = args(&spec);
+        assert!(values(&a, "-chardev").contains(&"serial,id=serial0,path=/dev/ttyUSB0"));
+        assert!(values(&a, "-serial").is_empty());
+        let devices = values(&a, "-device");
+        assert!(devices.contains(&"virtio-serial-pci,id=vser0"));
+        assert!(devices.contains(&"virtconsole,chardev=serial0,bus=vser0.0"));
+    }
+
+    #[test]
+    fn optional_devices_and_restore() {
+        let mut spec = typical();
+        spec.keyboard = false;
+        spec.pointer = false;
+        spec.entropy = false;
+        spec.display = None;
+        spec.network.clear();
+        spec.restore_from = Some("/vms/x/state.vzvmsave".into());
+        spec.extra_args = vec!["-fw_cfg".into(), "name=opt/x,string=1".into()];
+        let a = args(&spec);
+        assert_eq!(
+            values(&a, "-device"),
+            ["virtio-blk-pci,drive=root,bootindex=0"],
+            "only the root disk is left"
+        );
+        assert!(values(&a, "-netdev").is_empty());
+        assert_eq!(values(&a, "-incoming"), ["defer"]);
+        assert_eq!(&a[a.len() - 2..], ["-fw_cfg", "name=opt/x,string=1"]);
+
+        spec.keyboard = true;
+        let devices = values(&args(&spec), "-device").join(" ");
+        assert!(devices.contains("qemu-xhci,id=usb usb-kbd,bus=usb.0") && !devices.contains("usb-tablet"));
+    }
+
+    #[test]
+    fn network_attachments() {
+        let mut spec = typical();
+        spec.network = vec![
+            NetworkDevice {
+                mac: "02:00:00:00:00:01".parse().unwrap(),
+                attachment: NetworkAttachment::Slirp { restrict: true },
+            },
+            NetworkDevice {
+                mac: "02:00:00:00:00:02".parse().unwrap(),
+                attachment: NetworkAttachment::Passt {
+                    binary: "/usr/bin/passt".into(),
+                },
+            },
+        ];
+        let err = qemu_args(&spec, &runtime()).unwrap_err().to_string();
+        assert!(err.contains("NIC 1 uses passt but has no socket"), "{err}");
+        let mut runtime = runtime();
+        runtime.netdev_fds.insert(1, 7);
+        let a = qemu_args(&spec, &runtime).unwrap();
+        assert_eq!(
+            values(&a, "-netdev"),
+            [
+                "user,id=net0,restrict=on",
+                "stream,id=net1,server=off,addr.type=fd,addr.str=7"
+            ]
+        );
+        let nics: Vec<_> = values(&a, "-device")
+            .into_iter()
+            .filter(|d| d.starts_with("virtio-net-pci"))
+            .collect();
+        assert_eq!(
+            nics,
+            [
+                "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,romfile=",
+                "virtio-net-pci,netdev=net1,mac=02:00:00:00:00:02,romfile="
+            ]
+        );
+    }
+}

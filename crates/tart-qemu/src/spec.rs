@@ -1,0 +1,253 @@
+//! [`VmSpec`]: everything QEMU needs to run one VM, fully resolved (binary, accelerator,
+//! firmware, files), so that turning it into a command line is a pure function
+//! ([`crate::qemu_args`]). [`VmSpec::prepare`] builds one from a Tart VM directory, its config and
+//! the `tart run` options.
+//!
+//! The emulated hardware depends only on the VM's config and on the flags that change hardware
+//! in Tart too (`--no-keyboard`, `--no-pointer`, `ro`); never on how the host *looks at* the VM
+//! (`--no-graphics`, `--serial`, VNC). Restoring a saved state needs exactly the same hardware,
+//! so `tart run --serial` can resume a VM suspended by `tart run --no-graphics`: the GPU and the
+//! UART are always there, only their host-side backends (VNC server, pty, file, nothing) change.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+
+use tart_home::{Arch, DiskFormat, MacAddress, Os, VmConfig, VmDir};
+
+use crate::firmware::{find_firmware, prepare_nvram, NvramChoice};
+use crate::host::{Accel, AccelChoice, HostInfo};
+use crate::{Error, Result, RootDiskOptions};
+
+/// A VM ready to be started with [`crate::RunningVm::start`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Shown as QEMU's `-name` (process title, VNC desktop name).
+    pub name: String,
+    pub qemu_binary: PathBuf,
+    pub arch: Arch,
+    pub accel: Accel,
+    pub cpus: u32,
+    /// Guest RAM, rounded up to whole MiB on the command line.
+    pub memory_bytes: u64,
+    /// UEFI firmware code (read-only pflash).
+    pub firmware_code: PathBuf,
+    /// The writable UEFI variable store (pflash): `nvram.bin` or its substitute.
+    pub nvram: PathBuf,
+    pub root_disk: PathBuf,
+    pub root_disk_options: RootDiskOptions,
+    /// Network interfaces, in PCI order.
+    pub network: Vec<NetworkDevice>,
+    /// The virtual GPU's preferred resolution (`virtio-gpu-pci`); `None` = no GPU at all.
+    pub display: Option<DisplaySize>,
+    /// Serve the GPU's screen over VNC on 127.0.0.1 with a random password.
+    pub vnc: bool,
+    /// USB keyboard.
+    pub keyboard: bool,
+    /// USB tablet (absolute pointer).
+    pub pointer: bool,
+    /// `virtio-rng-pci` fed from the host's `/dev/urandom`.
+    pub entropy: bool,
+    /// Where the guest's console goes.
+    pub serial: SerialPort,
+    /// Which device the guest sees as its console.
+    pub serial_device: SerialDevice,
+    /// Restore this saved state (from [`crate::RunningVm::suspend_to`]) instead of booting.
+    pub restore_from: Option<PathBuf>,
+    /// Appended to QEMU's command line as they are (tests, experiments: e.g. `-fw_cfg`).
+    pub extra_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DisplaySize {
+    pub width: u32,
+    pub height: u32,
+}
+
+/// One virtio-net NIC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkDevice {
+    pub mac: MacAddress,
+    pub attachment: NetworkAttachment,
+}
+
+/// The host side of a NIC. Each variant knows its QEMU `-netdev` and, if it needs one, the helper
+/// process to run next to QEMU (see `argv.rs` and `vm.rs`); bridged, tap and Softnet-style
+/// attachments are further variants here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkAttachment {
+    /// QEMU's built-in user-mode NAT (libslirp): guest 10.0.2.15, DHCP and DNS from QEMU.
+    /// `restrict` cuts the guest off from everything but that DHCP/DNS (tests).
+    Slirp { restrict: bool },
+    /// User-mode NAT by `passt` (faster than slirp, IPv6): the guest gets the host's address
+    /// over DHCP. `tart-qemu` runs one `passt` per NIC, connected to QEMU by a socket pair.
+    Passt { binary: PathBuf },
+}
+
+impl NetworkAttachment {
+    /// Tart's default NAT: `passt` when installed, else QEMU's slirp.
+    pub fn user_nat(host: &HostInfo) -> Self {
+        match host.find_program("passt") {
+            Some(binary) => NetworkAttachment::Passt { binary },
+            None => NetworkAttachment::Slirp { restrict: false },
+        }
+    }
+}
+
+/// Host side of the guest console.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SerialPort {
+    /// Connected to nothing (the device still exists).
+    None,
+    /// A new pseudo-terminal; its path is [`crate::RunningVm::serial_pty`] (`tart run --serial`).
+    Pty,
+    /// Appended to a file, created if missing (`tart run --serial-path <file>`).
+    File(PathBuf),
+    /// An existing terminal device, read and written (`--serial-path /dev/ttyX`).
+    Tty(PathBuf),
+}
+
+impl SerialPort {
+    /// `--serial-path <path>`: a terminal device is used as a terminal, anything else as a file.
+    pub fn path(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let is_char_device = std::fs::metadata(&path)
+            .map(|m| m.file_type().is_char_device())
+            .unwrap_or(false);
+        if is_char_device && is_tty(&path) {
+            SerialPort::Tty(path)
+        } else {
+            SerialPort::File(path)
+        }
+    }
+}
+
+fn is_tty(path: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(path)
+        // SAFETY: isatty only inspects the descriptor.
+        .map(|file| unsafe { libc::isatty(file.as_raw_fd()) } == 1)
+        .unwrap_or(false)
+}
+
+/// The console device of the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SerialDevice {
+    /// The platform UART: 16550 `ttyS0` on x86_64, PL011 `ttyAMA0` on arm64. What firmware and
+    /// distribution images print to (`console=ttyS0`).
+    #[default]
+    Uart,
+    /// A virtio console, `hvc0` in the guest: what Tart (Virtualization.framework) gives Linux
+    /// guests.
+    VirtioConsole,
+}
+
+/// The `tart run` flags that shape the VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Serve the display over VNC (false: `--no-graphics`).
+    pub vnc: bool,
+    pub serial: SerialPort,
+    pub serial_device: SerialDevice,
+    pub root_disk: RootDiskOptions,
+    /// NICs' host side, one NIC each (all with the config's MAC for now: Tart gives every NIC
+    /// the same address too).
+    pub network: Vec<NetworkAttachment>,
+    pub keyboard: bool,
+    pub pointer: bool,
+    /// Resume from this state file (`state.vzvmsave`) instead of booting.
+    pub restore_from: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// `tart run <vm>` without flags: VNC display, no serial, NAT, keyboard and pointer.
+    pub fn defaults(host: &HostInfo) -> Self {
+        RunOptions {
+            vnc: true,
+            serial: SerialPort::None,
+            serial_device: SerialDevice::default(),
+            root_disk: RootDiskOptions::default(),
+            network: vec![NetworkAttachment::user_nat(host)],
+            keyboard: true,
+            pointer: true,
+            restore_from: None,
+        }
+    }
+}
+
+/// A [`VmSpec`] and what the caller should know about how it was made.
+#[derive(Clone, Debug)]
+pub struct PreparedVm {
+    pub spec: VmSpec,
+    pub accel: AccelChoice,
+    pub nvram: NvramChoice,
+    /// Lines to print before starting (e.g. the VM is emulated).
+    pub warnings: Vec<String>,
+}
+
+impl VmSpec {
+    /// Resolves everything for running the VM in `vm` with `config` under `options` on `host`:
+    /// the QEMU binary, the accelerator, the firmware and the variable store (which may create
+    /// `nvram.qemu.bin` in the VM directory, see [`crate::firmware`]).
+    pub fn prepare(vm: &VmDir, config: &VmConfig, options: RunOptions, host: &HostInfo) -> Result<PreparedVm> {
+        if config.os == Os::Darwin {
+            return Err(Error::InvalidSpec("macOS VMs can only run on macOS hosts".into()));
+        }
+        if config.disk_format == DiskFormat::Asif {
+            return Err(Error::InvalidSpec(
+                "ASIF disk images can only be used on macOS hosts".into(),
+            ));
+        }
+        let accel = host.choose_accel(config.arch)?;
+        let qemu_binary = host.qemu_binary(config.arch)?;
+        let firmware = find_firmware(config.arch)?;
+        let nvram = prepare_nvram(&vm.nvram_path(), &firmware)?;
+        let name = vm
+            .path()
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "tart-vm".into());
+        let spec = VmSpec {
+            name,
+            qemu_binary,
+            arch: config.arch,
+            accel: accel.accel,
+            cpus: config.cpu_count,
+            memory_bytes: config.memory_size,
+            firmware_code: firmware.code,
+            nvram: nvram.path.clone(),
+            root_disk: vm.disk_path(),
+            root_disk_options: options.root_disk,
+            network: options
+                .network
+                .into_iter()
+                .map(|attachment| NetworkDevice {
+                    mac: config.mac_address,
+                    attachment,
+                })
+                .collect(),
+            display: Some(DisplaySize {
+                width: config.display.width,
+                height: config.display.height,
+            }),
+            vnc: options.vnc,
+            keyboard: options.keyboard,
+            pointer: options.pointer,
+            entropy: true,
+            serial: options.serial,
+            serial_device: options.serial_device,
+            restore_from: options.restore_from,
+            extra_args: Vec::new(),
+        };
+        let warnings = accel.warning.iter().cloned().collect();
+        Ok(PreparedVm {
+            spec,
+            accel,
+            nvram,
+            warnings,
+        })
+    }
+}
