@@ -317,10 +317,7 @@ async fn pull_disk_v1(
         let tx = sender.as_ref().expect("sender lives until all layers are sent");
         if let Err(err) = stream_blob(registry, layer, tx, progress).await {
             drop(sender.take());
-            return Err(match worker.await? {
-                Err(decode) => decode.context(format!("failed to decompress disk: {err:#}")),
-                Ok(_) => err,
-            });
+            return Err(first_cause(err, worker.await?.err()));
         }
     }
     drop(sender);
@@ -360,9 +357,23 @@ async fn pull_layer(
     let decoded = worker.await?;
     match (streamed, decoded) {
         (Ok(()), Ok((end, digest))) => Ok((end - offset, digest)),
-        // The decoder's error explains why sending stopped.
-        (_, Err(err)) => Err(err.context(format!("failed to decompress disk layer {}", descriptor.digest()))),
-        (Err(err), Ok(_)) => Err(err),
+        (Err(err), decoded) => Err(first_cause(err, decoded.err())),
+        (Ok(()), Err(err)) => Err(err.context(format!("failed to decompress disk layer {}", descriptor.digest()))),
+    }
+}
+
+/// Sending to the decoder failed because the decoder stopped; its own error says why.
+#[derive(Debug, thiserror::Error)]
+#[error("decompression stopped")]
+struct DecoderStopped;
+
+/// When both the download and the decoder failed, the one that failed first is the cause: a
+/// download cut short makes the decoder see a truncated stream, and a stopped decoder makes
+/// the download fail to hand over data.
+fn first_cause(download: anyhow::Error, decode: Option<anyhow::Error>) -> anyhow::Error {
+    match decode {
+        Some(decode) if download.is::<DecoderStopped>() => decode.context("failed to decompress disk"),
+        _ => download,
     }
 }
 
@@ -422,10 +433,7 @@ async fn stream_blob(
                 hasher.update(&chunk);
                 received += chunk.len() as u64;
                 progress.advance(chunk.len() as u64);
-                sender
-                    .send(chunk)
-                    .await
-                    .map_err(|_| anyhow!("decompression of blob {digest} stopped"))?;
+                sender.send(chunk).await.map_err(|_| anyhow!(DecoderStopped))?;
             }
             if received < size {
                 return Err(anyhow::Error::from(std::io::Error::new(
@@ -438,6 +446,9 @@ async fn stream_blob(
         .await;
         match result {
             Ok(()) => break,
+            // Every declared byte is here (the connection failed after them, e.g. the registry
+            // announced more): asking for more could only get a 416. The digest decides.
+            Err(_) if received == size => break,
             Err(err) if attempt < ATTEMPTS && is_transient(&err) => {
                 eprintln!("Error pulling image: \"{err:#}\", attempting to re-try...");
                 back_off(attempt).await;

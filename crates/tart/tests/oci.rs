@@ -1,0 +1,1479 @@
+//! `push`, `pull`, `clone` of remote names, `login` and `logout`, run as the real `tart` binary
+//! against real registries (Debian's `docker-registry` on 127.0.0.1, started by `tart-testkit`),
+//! some of them behind a proxy that logs every request and breaks blob downloads on purpose.
+//!
+//! Images stay small. Tests about what a push produces use VMs made by `tart create --linux
+//! --disk-size 1`: a sparse 1 GB disk, so two chunks (512 MiB and 463 MiB) with a few MiB of data,
+//! or a disk cut down to one 8 MiB chunk where one layer is enough. Tests about how a pull copes
+//! with a misbehaving registry use Tart images assembled here from 4 MiB chunks (the engine
+//! follows the `uncompressed-size` annotations, whatever they are), so faults hit small blobs.
+//! The engine hashes and compresses every byte of a disk: the workspace builds dependencies
+//! optimized even in debug builds, or the 1 GB images would take minutes.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use assert_cmd::prelude::*;
+use serde_json::{json, Value};
+use tart_testkit::{sha256_digest, FaultProxy, ProxiedRequest, Registry};
+
+const MIB: u64 = 1 << 20;
+/// Tart's disk chunk: 512 MiB of uncompressed disk per layer.
+const CHUNK: u64 = 512 * MIB;
+/// A disk of one small chunk.
+const SMALL_DISK: u64 = 8 * MIB;
+/// `tart create --disk-size 1`: two chunks, the second one 463 MiB and not a multiple of 4 KiB.
+const TWO_CHUNK_DISK: u64 = 1_000_000_000;
+/// How long one `tart` command may take before the test gives up on it.
+const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+const OCI_CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+const CONFIG_TYPE: &str = "application/vnd.cirruslabs.tart.config.v1";
+const DISK_V2: &str = "application/vnd.cirruslabs.tart.disk.v2";
+const DISK_V1: &str = "application/vnd.cirruslabs.tart.disk.v1";
+const NVRAM_TYPE: &str = "application/vnd.cirruslabs.tart.nvram.v1";
+const UNCOMPRESSED_SIZE: &str = "org.cirruslabs.tart.uncompressed-size";
+const UNCOMPRESSED_DIGEST: &str = "org.cirruslabs.tart.uncompressed-content-digest";
+const DISK_SIZE_ANNOTATION: &str = "org.cirruslabs.tart.uncompressed-disk-size";
+const UPLOAD_TIME: &str = "org.cirruslabs.tart.upload-time";
+const DISK_FORMAT_LABEL: &str = "org.cirruslabs.tart.disk.format";
+
+/// Variables of the caller's environment that would change what `tart` does here.
+const SCRUBBED_ENV: &[&str] = &[
+    "TART_REGISTRY_USERNAME",
+    "TART_REGISTRY_PASSWORD",
+    "TART_REGISTRY_HOSTNAME",
+    "TART_REGISTRY_CA_CERT",
+    "DOCKER_CONFIG",
+    "HTTP_PROXY",
+    "http_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+];
+
+// ---------------------------------------------------------------------------------------------
+// Running tart
+// ---------------------------------------------------------------------------------------------
+
+/// A private `TART_HOME` and `HOME` (so no real `~/.docker/config.json` is read).
+struct Home {
+    dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+struct Out {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn code(&self) -> Option<i32> {
+        self.status.code()
+    }
+}
+
+/// A `tart` process whose output is drained while it runs.
+struct Running {
+    child: Child,
+    what: String,
+    stdout: Option<JoinHandle<Vec<u8>>>,
+    stderr: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Running {
+    fn finish(mut self) -> Out {
+        let deadline = Instant::now() + COMMAND_LIMIT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not finish within {COMMAND_LIMIT:?}", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = |handle: Option<JoinHandle<Vec<u8>>>| {
+            String::from_utf8_lossy(&handle.unwrap().join().unwrap()).into_owned()
+        };
+        Out {
+            status,
+            stdout: text(self.stdout.take()),
+            stderr: text(self.stderr.take()),
+        }
+    }
+
+    fn kill(mut self) -> Out {
+        self.child.kill().unwrap(); // SIGKILL
+        self.finish()
+    }
+}
+
+fn drain(mut pipe: impl Read + Send + 'static) -> JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut data = Vec::new();
+        let _ = pipe.read_to_end(&mut data);
+        data
+    })
+}
+
+impl Home {
+    fn new() -> Home {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("tart-home");
+        fs::create_dir(dir.path().join("user-home")).unwrap();
+        Home { dir, root }
+    }
+
+    fn tart(&self) -> Command {
+        let mut cmd = Command::cargo_bin("tart").unwrap();
+        for var in SCRUBBED_ENV {
+            cmd.env_remove(var);
+        }
+        cmd.env("TART_HOME", &self.root)
+            .env("HOME", self.dir.path().join("user-home"))
+            .env("CI", "1")
+            .env("NO_PROXY", "*")
+            // Pruning would delete cached images that some tests count on.
+            .env("TART_NO_AUTO_PRUNE", "1");
+        cmd
+    }
+
+    fn spawn_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Running {
+        let mut cmd = self.tart();
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().unwrap();
+            pipe.write_all(input).unwrap();
+        }
+        let stdout = drain(child.stdout.take().unwrap());
+        let stderr = drain(child.stderr.take().unwrap());
+        Running {
+            child,
+            what: format!("tart {}", args.join(" ")),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
+        }
+    }
+
+    fn spawn(&self, args: &[&str]) -> Running {
+        self.spawn_with(args, &[], None)
+    }
+
+    fn run_with(&self, args: &[&str], env: &[(&str, &str)], stdin: Option<&[u8]>) -> Out {
+        self.spawn_with(args, env, stdin).finish()
+    }
+
+    /// Runs tart and expects success; returns its output.
+    fn ok_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        let out = self.run_with(args, env, None);
+        assert!(
+            out.status.success(),
+            "tart {} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            args.join(" "),
+            out.status,
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
+
+    fn ok(&self, args: &[&str]) -> Out {
+        self.ok_with(args, &[])
+    }
+
+    /// Runs tart and expects it to fail; returns its output.
+    fn fail_with(&self, args: &[&str], env: &[(&str, &str)]) -> Out {
+        let out = self.run_with(args, env, None);
+        assert!(
+            !out.status.success(),
+            "tart {} should have failed:\nstdout:\n{}\nstderr:\n{}",
+            args.join(" "),
+            out.stdout,
+            out.stderr
+        );
+        out
+    }
+
+    fn fail(&self, args: &[&str]) -> Out {
+        self.fail_with(args, &[])
+    }
+
+    fn vm(&self, name: &str) -> PathBuf {
+        self.root.join("vms").join(name)
+    }
+
+    fn disk(&self, name: &str) -> PathBuf {
+        self.vm(name).join("disk.img")
+    }
+
+    fn oci(&self) -> PathBuf {
+        self.root.join("cache").join("OCIs")
+    }
+
+    /// `cache/OCIs/<host with %3A>/<namespace>`.
+    fn repo_dir(&self, host: &str, namespace: &str) -> PathBuf {
+        self.oci().join(host.replace(':', "%3A")).join(namespace)
+    }
+
+    fn image_dir(&self, host: &str, namespace: &str, digest: &str) -> PathBuf {
+        self.repo_dir(host, namespace).join(digest)
+    }
+
+    /// Names listed by `tart list --source oci --format json`.
+    fn oci_names(&self) -> Vec<String> {
+        let out = self.ok(&["list", "--source", "oci", "--format", "json"]);
+        let list: Value = serde_json::from_str(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                assert_eq!(e["Source"], "OCI");
+                e["Name"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    /// Digest directories and tag symlinks anywhere under `cache/OCIs` (empty if it is absent).
+    fn cache_entries(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+            let Ok(entries) = fs::read_dir(dir) else { return };
+            for entry in entries {
+                let path = entry.unwrap().path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                if meta.is_symlink() || name.starts_with("sha256:") {
+                    found.push(path);
+                } else if meta.is_dir() {
+                    walk(&path, found);
+                }
+            }
+        }
+        let mut found = Vec::new();
+        walk(&self.oci(), &mut found);
+        found
+    }
+
+    /// The staging directory of a pull of the image with this manifest digest.
+    fn pull_staging(&self, manifest_digest: &str) -> PathBuf {
+        self.root
+            .join("tmp")
+            .join(format!("pull-{}", manifest_digest.trim_start_matches("sha256:")))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+// ---------------------------------------------------------------------------------------------
+
+/// Deterministic, incompressible bytes (xorshift64*), different for every seed.
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        out.extend_from_slice(&state.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn write_at(path: &Path, offset: u64, data: &[u8]) {
+    let file = OpenOptions::new().write(true).open(path).unwrap();
+    file.write_all_at(data, offset).unwrap();
+}
+
+fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
+    let mut buffer = vec![0u8; len as usize];
+    File::open(path).unwrap().read_exact_at(&mut buffer, offset).unwrap();
+    buffer
+}
+
+/// Files equal byte for byte (compared in pieces: disks can be large).
+fn assert_same_file(actual: &Path, expected: &Path) {
+    let (a, b) = (File::open(actual).unwrap(), File::open(expected).unwrap());
+    let len = b.metadata().unwrap().len();
+    assert_eq!(
+        a.metadata().unwrap().len(),
+        len,
+        "{} and {} differ in size",
+        actual.display(),
+        expected.display()
+    );
+    let mut buf_a = vec![0u8; 8 << 20];
+    let mut buf_b = vec![0u8; 8 << 20];
+    let mut offset = 0;
+    while offset < len {
+        let n = (len - offset).min(buf_a.len() as u64) as usize;
+        a.read_exact_at(&mut buf_a[..n], offset).unwrap();
+        b.read_exact_at(&mut buf_b[..n], offset).unwrap();
+        if buf_a[..n] != buf_b[..n] {
+            let at = buf_a[..n].iter().zip(&buf_b[..n]).position(|(x, y)| x != y).unwrap();
+            panic!(
+                "{} differs from {} at byte {}",
+                actual.display(),
+                expected.display(),
+                offset + at as u64
+            );
+        }
+        offset += n as u64;
+    }
+}
+
+fn assert_file_is(actual: &Path, expected: &[u8]) {
+    let data = fs::read(actual).unwrap();
+    assert!(
+        data.len() == expected.len() && data == expected,
+        "{} ({} bytes) is not the expected {} bytes",
+        actual.display(),
+        data.len(),
+        expected.len()
+    );
+}
+
+/// `tart create --linux --disk-size 1 <name>`, its disk cut to `disk_len` bytes if shorter, and
+/// random data written at each `(offset, length, seed)`.
+fn make_vm(home: &Home, name: &str, disk_len: u64, patches: &[(u64, usize, u64)]) {
+    home.ok(&["create", "--linux", "--disk-size", "1", name]);
+    let disk = home.disk(name);
+    assert_eq!(fs::metadata(&disk).unwrap().len(), TWO_CHUNK_DISK);
+    if disk_len < TWO_CHUNK_DISK {
+        let file = OpenOptions::new().write(true).open(&disk).unwrap();
+        file.set_len(disk_len).unwrap();
+    }
+    for &(offset, len, seed) in patches {
+        assert!(offset + len as u64 <= disk_len);
+        write_at(&disk, offset, &random_bytes(len, seed));
+    }
+}
+
+/// One chunk of 8 MiB with 3 MiB of data: a 3 MB disk layer, big enough to be cut or chunked.
+fn make_small_vm(home: &Home, name: &str, seed: u64) {
+    make_vm(home, name, SMALL_DISK, &[(MIB, 3 << 20, seed)]);
+}
+
+/// The 1 GB disk of `tart create`, with data at two places in each chunk (the last ending 123
+/// bytes before the unaligned end of the disk).
+fn make_two_chunk_vm(home: &Home, name: &str, seed: u64) {
+    make_vm(
+        home,
+        name,
+        TWO_CHUNK_DISK,
+        &[
+            (MIB, 2 << 20, seed),
+            (300 * MIB, 1 << 20, seed + 1),
+            (CHUNK + MIB, 2 << 20, seed + 2),
+            (TWO_CHUNK_DISK - MIB - 123, 1 << 20, seed + 3),
+        ],
+    );
+}
+
+/// Compact JSON with sorted keys and `/` escaped as `\/`, the way Swift's `JSONEncoder` (and so
+/// Tart) writes manifests.
+fn swift_json(value: &Value) -> Vec<u8> {
+    fn write(value: &Value, out: &mut String) {
+        match value {
+            Value::Object(map) => {
+                out.push('{');
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                for (i, key) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::to_string(key).unwrap().replace('/', "\\/"));
+                    out.push(':');
+                    write(&map[key], out);
+                }
+                out.push('}');
+            }
+            Value::Array(items) => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    write(item, out);
+                }
+                out.push(']');
+            }
+            Value::String(s) => out.push_str(&serde_json::to_string(s).unwrap().replace('/', "\\/")),
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(value, &mut out);
+    out.into_bytes()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(byte) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if bytes[i] == b'+' { b' ' } else { bytes[i] });
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+fn query_pairs(request: &ProxiedRequest) -> Vec<(String, String)> {
+    request
+        .query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn describe(requests: &[ProxiedRequest]) -> String {
+    requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}{} -> {}{}",
+                r.method,
+                r.path,
+                r.query.as_deref().map(|q| format!("?{q}")).unwrap_or_default(),
+                r.status,
+                r.range.as_deref().map(|q| format!(" [Range: {q}]")).unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The registry's manifest for `repo:reference`, raw and parsed.
+fn manifest_of(registry: &Registry, repo: &str, reference: &str) -> (Vec<u8>, Value) {
+    let (bytes, _) = registry.manifest(repo, reference);
+    let value = serde_json::from_slice(&bytes).unwrap();
+    (bytes, value)
+}
+
+/// Digests of the disk layers of a parsed manifest, in order.
+fn disk_layers(manifest: &Value) -> Vec<String> {
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["mediaType"] == DISK_V2 || l["mediaType"] == DISK_V1)
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images assembled by hand
+// ---------------------------------------------------------------------------------------------
+
+/// `config.json` and `nvram.bin` of a VM made by `tart create`, for images assembled by hand.
+fn template_vm_files() -> &'static (Vec<u8>, Vec<u8>) {
+    static FILES: OnceLock<(Vec<u8>, Vec<u8>)> = OnceLock::new();
+    FILES.get_or_init(|| {
+        let home = Home::new();
+        home.ok(&["create", "--linux", "--disk-size", "1", "template"]);
+        (
+            fs::read(home.vm("template").join("config.json")).unwrap(),
+            fs::read(home.vm("template").join("nvram.bin")).unwrap(),
+        )
+    })
+}
+
+/// A Tart image stored in a registry through the plain distribution API.
+struct Image {
+    /// The whole uncompressed disk.
+    disk: Vec<u8>,
+    config: Vec<u8>,
+    nvram: Vec<u8>,
+    /// Digests of the disk layers (compressed blobs), in order.
+    layers: Vec<String>,
+    digest: String,
+}
+
+fn descriptor(media_type: &str, data: &[u8], digest: &str, annotations: Value) -> Value {
+    json!({"mediaType": media_type, "digest": digest, "size": data.len(), "annotations": annotations})
+}
+
+/// Stores config, layers, NVRAM, the stub OCI config and a manifest built from them.
+fn store_image(registry: &Registry, repo: &str, tag: &str, disk_layers: Vec<Value>, disk: Vec<u8>) -> Image {
+    let (config, nvram) = template_vm_files().clone();
+    let config_digest = registry.push_blob(repo, &config);
+    let nvram_digest = registry.push_blob(repo, &nvram);
+    let oci_config = swift_json(&json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Labels": {DISK_FORMAT_LABEL: "raw"}},
+    }));
+    let oci_config_digest = registry.push_blob(repo, &oci_config);
+    let layers: Vec<String> = disk_layers
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_owned())
+        .collect();
+    let mut all_layers = vec![descriptor(CONFIG_TYPE, &config, &config_digest, json!({}))];
+    all_layers.extend(disk_layers);
+    all_layers.push(descriptor(NVRAM_TYPE, &nvram, &nvram_digest, json!({})));
+    let manifest = swift_json(&json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": OCI_CONFIG_TYPE, "digest": oci_config_digest, "size": oci_config.len()},
+        "layers": all_layers,
+        "annotations": {
+            DISK_SIZE_ANNOTATION: disk.len().to_string(),
+            UPLOAD_TIME: "2026-05-12T21:45:18Z",
+        },
+    }));
+    let digest = registry.push_manifest(repo, tag, MANIFEST_TYPE, &manifest);
+    Image {
+        disk,
+        config,
+        nvram,
+        layers,
+        digest,
+    }
+}
+
+/// A disk.v2 image whose chunks are the given byte strings, each compressed on its own.
+fn store_v2_image(registry: &Registry, repo: &str, tag: &str, chunks: &[Vec<u8>]) -> Image {
+    let mut layers = Vec::new();
+    for chunk in chunks {
+        let blob = apple_lz4::compress(chunk);
+        let digest = registry.push_blob(repo, &blob);
+        layers.push(descriptor(
+            DISK_V2,
+            &blob,
+            &digest,
+            json!({UNCOMPRESSED_SIZE: chunk.len().to_string(), UNCOMPRESSED_DIGEST: sha256_digest(chunk)}),
+        ));
+    }
+    store_image(registry, repo, tag, layers, chunks.concat())
+}
+
+/// A 4 MiB chunk: 3,000,000 random bytes (stored uncompressed by LZ4, so a flipped byte in the
+/// middle of the blob lands in data, not in a block header) and zeros.
+fn data_chunk(seed: u64) -> Vec<u8> {
+    let mut chunk = random_bytes(3_000_000, seed);
+    chunk.resize(4 << 20, 0);
+    chunk
+}
+
+/// The usual image of the fault tests: two 4 MiB data chunks.
+fn store_two_layer_image(registry: &Registry, repo: &str, seed: u64) -> Image {
+    store_v2_image(registry, repo, "v1", &[data_chunk(seed), data_chunk(seed + 1)])
+}
+
+/// The pulled image is exactly `image`, under `tag` as well as under its digest.
+fn assert_pulled(home: &Home, host: &str, repo: &str, image: &Image) {
+    let dir = home.image_dir(host, repo, &image.digest);
+    assert_file_is(&dir.join("disk.img"), &image.disk);
+    assert_file_is(&dir.join("config.json"), &image.config);
+    assert_file_is(&dir.join("nvram.bin"), &image.nvram);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. push → registry → pull → list → clone
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn push_two_tags_then_pull_list_and_clone() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let src = Home::new();
+    make_two_chunk_vm(&src, "src", 1);
+    let v1 = format!("{host}/org/vm:v1");
+    let latest = format!("{host}/org/vm:latest");
+    let out = src.ok(&["push", "--insecure", "--label", "team=ci", "src", &v1, &latest]);
+    assert!(
+        out.stdout
+            .contains(&format!("pushing src to {host}/org/vm{{:v1,:latest}}...")),
+        "{}",
+        out.stdout
+    );
+    for line in [
+        "pushing config...",
+        "pushing disk... this will take a while...",
+        "pushing NVRAM...",
+    ] {
+        assert!(out.stdout.lines().any(|l| l == line), "no {line:?} in:\n{}", out.stdout);
+    }
+    assert!(
+        !out.stdout.contains('\r') && !out.stdout.contains('\x1b'),
+        "CI output is plain lines"
+    );
+
+    // The registry: both tags, one manifest of Tart's shape.
+    let mut tags = registry.tags("org/vm");
+    tags.sort();
+    assert_eq!(tags, ["latest", "v1"]);
+    let (bytes, content_type) = registry.manifest("org/vm", "v1");
+    assert_eq!(content_type, MANIFEST_TYPE);
+    assert_eq!(
+        registry.manifest("org/vm", "latest").0,
+        bytes,
+        "both tags name one manifest"
+    );
+    let manifest: Value = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&swift_json(&manifest)),
+        String::from_utf8_lossy(&bytes),
+        "the manifest is compact, with sorted keys and escaped slashes"
+    );
+    assert!(String::from_utf8_lossy(&bytes).contains(r#""mediaType":"application\/vnd.oci.image.manifest.v1+json""#));
+    assert_eq!(manifest["schemaVersion"], 2);
+    assert_eq!(manifest["mediaType"], MANIFEST_TYPE);
+    assert_eq!(
+        manifest["annotations"][DISK_SIZE_ANNOTATION],
+        TWO_CHUNK_DISK.to_string()
+    );
+    let upload_time = manifest["annotations"][UPLOAD_TIME].as_str().unwrap();
+    assert!(
+        upload_time.len() == 20
+            && upload_time.bytes().enumerate().all(|(i, b)| match i {
+                4 | 7 => b == b'-',
+                10 => b == b'T',
+                13 | 16 => b == b':',
+                19 => b == b'Z',
+                _ => b.is_ascii_digit(),
+            }),
+        "upload-time {upload_time:?} is not yyyy-MM-ddTHH:mm:ssZ"
+    );
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(
+        layers
+            .iter()
+            .map(|l| l["mediaType"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        [CONFIG_TYPE, DISK_V2, DISK_V2, NVRAM_TYPE]
+    );
+    assert_eq!(layers[0]["annotations"], json!({}));
+    assert_eq!(layers[3]["annotations"], json!({}));
+    let source_disk = src.disk("src");
+    for (index, (offset, len)) in [(0, CHUNK), (CHUNK, TWO_CHUNK_DISK - CHUNK)].into_iter().enumerate() {
+        let annotations = &layers[1 + index]["annotations"];
+        assert_eq!(annotations[UNCOMPRESSED_SIZE], len.to_string(), "layer {index}");
+        assert_eq!(
+            annotations[UNCOMPRESSED_DIGEST],
+            sha256_digest(&read_range(&source_disk, offset, len)),
+            "layer {index}"
+        );
+        let blob = registry.blob("org/vm", layers[1 + index]["digest"].as_str().unwrap());
+        assert_eq!(blob.len() as u64, layers[1 + index]["size"].as_u64().unwrap());
+        assert_eq!(&blob[..4], b"bv41", "an Apple LZ4 stream");
+    }
+    // The VM config layer is the local config.json re-encoded compactly (§4.7), as Tart does.
+    let config_blob = registry.blob("org/vm", layers[0]["digest"].as_str().unwrap());
+    let vm_config: Value = serde_json::from_slice(&fs::read(src.vm("src").join("config.json")).unwrap()).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&config_blob).unwrap(), vm_config);
+    assert!(!config_blob.contains(&b'\n'), "compact JSON");
+    assert_eq!(
+        registry.blob("org/vm", layers[3]["digest"].as_str().unwrap()),
+        fs::read(src.vm("src").join("nvram.bin")).unwrap()
+    );
+    assert_eq!(manifest["config"]["mediaType"], OCI_CONFIG_TYPE);
+    let oci_config_bytes = registry.blob("org/vm", manifest["config"]["digest"].as_str().unwrap());
+    let oci_config: Value = serde_json::from_slice(&oci_config_bytes).unwrap();
+    assert_eq!(
+        swift_json(&oci_config),
+        oci_config_bytes,
+        "OCI config is sorted and compact"
+    );
+    assert_eq!(oci_config["config"]["Labels"][DISK_FORMAT_LABEL], "raw");
+    assert_eq!(oci_config["config"]["Labels"]["team"], "ci");
+    assert_eq!(oci_config["os"], "linux");
+    assert_eq!(oci_config["architecture"], vm_config["arch"]);
+
+    // Pull into another TART_HOME: the cache layout, the files byte for byte.
+    let dst = Home::new();
+    let out = dst.ok(&["pull", "--insecure", &v1]);
+    assert!(out.stdout.starts_with(&format!("pulling {v1}...\n")), "{}", out.stdout);
+    assert!(out.stdout.contains("pulling disk ("), "{}", out.stdout);
+    assert!(out.stdout.contains("pulling NVRAM..."), "{}", out.stdout);
+    assert!(
+        !out.stdout.contains('\r') && !out.stdout.contains('\x1b'),
+        "CI output is plain lines"
+    );
+    let digest = sha256_digest(&bytes);
+    let image = dst.image_dir(host, "org/vm", &digest);
+    assert!(
+        image.starts_with(
+            dst.oci()
+                .join(format!("127.0.0.1%3A{}", host.rsplit(':').next().unwrap()))
+        ),
+        "{}",
+        image.display()
+    );
+    assert!(image.is_dir(), "{} is missing", image.display());
+    let tag = dst.repo_dir(host, "org/vm").join("v1");
+    assert!(fs::symlink_metadata(&tag).unwrap().is_symlink());
+    assert_eq!(fs::canonicalize(&tag).unwrap(), fs::canonicalize(&image).unwrap());
+    assert_same_file(&image.join("disk.img"), &source_disk);
+    assert_same_file(&image.join("nvram.bin"), &src.vm("src").join("nvram.bin"));
+    assert_eq!(fs::read(image.join("config.json")).unwrap(), config_blob);
+    assert_eq!(fs::read(image.join("manifest.json")).unwrap(), bytes);
+    assert!(!image.join(".explicitly-pulled").exists(), "pulled by tag");
+    assert!(
+        !dst.pull_staging(&digest).exists(),
+        "the staging directory became the image"
+    );
+    let digest_name = format!("{host}/org/vm@{digest}");
+    assert_eq!(dst.oci_names(), [v1.clone(), digest_name.clone()]);
+    let text = dst.ok(&["list", "--source", "oci"]).stdout;
+    assert!(text.lines().any(|l| l.starts_with("OCI") && l.contains(&v1)), "{text}");
+
+    // clone makes a working local VM out of it.
+    dst.ok(&["clone", &v1, "local"]);
+    assert_same_file(&dst.disk("local"), &source_disk);
+    assert_same_file(&dst.vm("local").join("nvram.bin"), &src.vm("src").join("nvram.bin"));
+    let info: Value = serde_json::from_str(&dst.ok(&["get", "local", "--format", "json"]).stdout).unwrap();
+    assert_eq!(info["OS"], "linux");
+    assert_eq!(info["State"], "stopped");
+    assert_eq!(dst.ok(&["list", "-q", "--source", "local"]).stdout, "local\n");
+
+    // By digest: marked as explicitly pulled; again by tag: nothing to do.
+    dst.ok(&["pull", "--insecure", &digest_name]);
+    assert!(image.join(".explicitly-pulled").exists());
+    let out = dst.ok(&["pull", "--insecure", &v1]);
+    assert!(
+        out.stdout
+            .contains(&format!("{digest_name} image is already cached and linked!")),
+        "{}",
+        out.stdout
+    );
+    assert_same_file(&image.join("disk.img"), &source_disk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. clone of a remote name that is not cached yet
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn clone_of_an_uncached_remote_name_pulls_it_first() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let src = Home::new();
+    make_small_vm(&src, "src", 10);
+    let name = format!("{host}/org/small:v1");
+    src.ok(&["push", "--insecure", "src", &name]);
+    let (bytes, _) = registry.manifest("org/small", "v1");
+    let digest = sha256_digest(&bytes);
+
+    let dst = Home::new();
+    let out = dst.ok(&["clone", "--insecure", &name, "work"]);
+    assert!(out.stdout.contains(&format!("pulling {name}...")), "{}", out.stdout);
+    assert_same_file(&dst.disk("work"), &src.disk("src"));
+    assert_same_file(&dst.vm("work").join("nvram.bin"), &src.vm("src").join("nvram.bin"));
+    let image = dst.image_dir(host, "org/small", &digest);
+    assert_same_file(&image.join("disk.img"), &src.disk("src"));
+    assert_eq!(dst.oci_names(), [name.clone(), format!("{host}/org/small@{digest}")]);
+
+    // Cached now: a second clone needs no registry.
+    drop(registry);
+    let out = dst.ok(&["clone", &name, "again"]);
+    assert!(!out.stdout.contains("pulling"), "{}", out.stdout);
+    assert_same_file(&dst.disk("again"), &src.disk("src"));
+}
+
+#[test]
+fn pull_and_clone_by_digest_into_an_empty_home() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let src = Home::new();
+    make_small_vm(&src, "src", 20);
+    src.ok(&["push", "--insecure", "src", &format!("{host}/org/vm:v1")]);
+    let digest = sha256_digest(&registry.manifest("org/vm", "v1").0);
+    let by_digest = format!("{host}/org/vm@{digest}");
+
+    let dst = Home::new();
+    let out = dst.ok(&["pull", "--insecure", &by_digest]);
+    assert!(
+        out.stdout.contains(&format!("pulling {by_digest}...")),
+        "{}",
+        out.stdout
+    );
+    let image = dst.image_dir(host, "org/vm", &digest);
+    assert!(image.join(".explicitly-pulled").is_file());
+    assert_same_file(&image.join("disk.img"), &src.disk("src"));
+    assert!(
+        !dst.repo_dir(host, "org/vm").join("v1").exists(),
+        "a pull by digest creates no tag"
+    );
+    assert_eq!(dst.oci_names(), [by_digest.as_str()]);
+    dst.ok(&["clone", &by_digest, "work"]);
+    assert_same_file(&dst.disk("work"), &src.disk("src"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. credentials
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn basic_auth_login_logout_and_environment_credentials() {
+    let registry = Registry::basic("alice", "s3cret");
+    let host = registry.host().to_owned();
+    let home = Home::new();
+    make_small_vm(&home, "vm", 30);
+    let v1 = format!("{host}/org/vm:v1");
+
+    // No credentials: a clear refusal.
+    let out = home.fail(&["push", "--insecure", "vm", &v1]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&host) && (out.stderr.contains("credentials") || out.stderr.contains("401")),
+        "unclear error: {}",
+        out.stderr
+    );
+    assert!(registry.tags("org/vm").is_empty());
+
+    // A wrong password is refused by login and nothing is stored.
+    let credentials = home.root.join("credentials.json");
+    let login = [
+        "login",
+        host.as_str(),
+        "--username",
+        "alice",
+        "--password-stdin",
+        "--insecure",
+    ];
+    let out = home.run_with(&login, &[], Some(b"wrong\n"));
+    assert_eq!(out.code(), Some(1), "stdout: {}\nstderr: {}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("invalid credentials"), "{}", out.stderr);
+    assert!(
+        !fs::read_to_string(&credentials).unwrap_or_default().contains(&host),
+        "nothing stored after a failed login"
+    );
+
+    // The right one: stored privately, and push and pull work with it.
+    let out = home.run_with(&login, &[], Some(b"s3cret\n"));
+    assert!(out.status.success(), "login failed: {}", out.stderr);
+    assert!(out.stdout.contains("Login succeeded"), "{}", out.stdout);
+    let mode = fs::metadata(&credentials).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "credentials.json mode {mode:o}");
+    home.ok(&["push", "--insecure", "vm", &v1]);
+    assert_eq!(registry.tags("org/vm"), ["v1"]);
+    home.ok(&["pull", "--insecure", &v1]);
+    let digest = sha256_digest(&registry.manifest("org/vm", "v1").0);
+    assert_same_file(
+        &home.image_dir(&host, "org/vm", &digest).join("disk.img"),
+        &home.disk("vm"),
+    );
+
+    // Another home has no credentials.
+    let other = Home::new();
+    let out = other.fail(&["pull", "--insecure", &v1]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(other.cache_entries().is_empty());
+
+    // Logout forgets them.
+    home.ok(&["logout", &host]);
+    assert!(
+        !fs::read_to_string(&credentials).unwrap_or_default().contains(&host),
+        "logout removes the stored credentials"
+    );
+    home.fail(&["push", "--insecure", "vm", &format!("{host}/org/vm:v2")]);
+
+    // Environment credentials, used only for the host they name.
+    let env = [
+        ("TART_REGISTRY_USERNAME", "alice"),
+        ("TART_REGISTRY_PASSWORD", "s3cret"),
+    ];
+    home.ok_with(&["push", "--insecure", "vm", &format!("{host}/org/vm:v2")], &env);
+    let elsewhere = [env[0], env[1], ("TART_REGISTRY_HOSTNAME", "registry.example.com")];
+    let out = home.fail_with(&["push", "--insecure", "vm", &format!("{host}/org/vm:v3")], &elsewhere);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    let here = [env[0], env[1], ("TART_REGISTRY_HOSTNAME", host.as_str())];
+    home.ok_with(&["push", "--insecure", "vm", &format!("{host}/org/vm:v3")], &here);
+    let mut tags = registry.tags("org/vm");
+    tags.sort();
+    assert_eq!(tags, ["v1", "v2", "v3"]);
+
+    let fresh = Home::new();
+    fresh.fail_with(&["pull", "--insecure", &v1], &elsewhere);
+    assert!(fresh.cache_entries().is_empty());
+    fresh.ok_with(&["pull", "--insecure", &v1], &env);
+    assert_same_file(
+        &fresh.image_dir(&host, "org/vm", &digest).join("disk.img"),
+        &home.disk("vm"),
+    );
+}
+
+#[test]
+fn token_auth_push_and_pull_with_environment_credentials() {
+    let registry = Registry::token("bob", "hunter2");
+    let host = registry.host().to_owned();
+    let env = [("TART_REGISTRY_USERNAME", "bob"), ("TART_REGISTRY_PASSWORD", "hunter2")];
+    let src = Home::new();
+    make_small_vm(&src, "vm", 40);
+    let name = format!("{host}/org/vm:v1");
+
+    let out = src.fail(&["push", "--insecure", "vm", &name]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    src.ok_with(&["push", "--insecure", "vm", &name], &env);
+    assert_eq!(registry.tags("org/vm"), ["v1"]);
+    let pushes = registry.token_requests();
+    assert!(
+        pushes.iter().any(|r| r.granted
+            && r.user.as_deref() == Some("bob")
+            && r.scopes
+                .iter()
+                .any(|s| s.starts_with("repository:org/vm:") && s.contains("push"))),
+        "no push token was issued: {pushes:?}"
+    );
+
+    let dst = Home::new();
+    dst.fail(&["pull", "--insecure", &name]);
+    dst.ok_with(&["pull", "--insecure", &name], &env);
+    let digest = sha256_digest(&registry.manifest("org/vm", "v1").0);
+    assert_same_file(
+        &dst.image_dir(&host, "org/vm", &digest).join("disk.img"),
+        &src.disk("vm"),
+    );
+    let pulls = &registry.token_requests()[pushes.len()..];
+    assert!(
+        pulls
+            .iter()
+            .any(|r| r.granted && r.user.as_deref() == Some("bob") && r.scopes.iter().any(|s| s.contains("org/vm"))),
+        "no pull token was issued: {pulls:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4.-8. a misbehaving registry
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn corrupted_layer_fails_verification_and_only_it_is_fetched_again() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let image = store_two_layer_image(&registry, "org/vm", 50);
+    let name = format!("{host}/org/vm:v1");
+    let (good, bad) = (&image.layers[0], &image.layers[1]);
+
+    proxy.corrupt_blob(bad);
+    let home = Home::new();
+    // One layer at a time, so the good layer is complete before the bad one fails.
+    let out = home.fail(&["pull", "--insecure", "--concurrency", "1", &name]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("failed verification"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(bad.as_str()),
+        "the error names the layer: {}",
+        out.stderr
+    );
+    assert_eq!(home.cache_entries(), Vec::<PathBuf>::new(), "nothing reaches the cache");
+    assert_eq!(proxy.blob_gets(good).len(), 1);
+    assert_eq!(proxy.blob_gets(bad).len(), 1, "a corrupt blob is not retried");
+
+    proxy.clear_faults();
+    home.ok(&["pull", "--insecure", &name]);
+    assert_pulled(&home, host, "org/vm", &image);
+    assert_eq!(
+        proxy.blob_gets(good).len(),
+        1,
+        "the verified layer was kept:\n{}",
+        describe(&proxy.requests())
+    );
+    assert_eq!(proxy.blob_gets(bad).len(), 2);
+}
+
+#[test]
+fn manifest_with_a_wrong_uncompressed_digest_fails_verification() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let chunk = data_chunk(55);
+    let blob = apple_lz4::compress(&chunk);
+    let digest = registry.push_blob("org/vm", &blob);
+    let lie = sha256_digest(b"something else");
+    let layer = descriptor(
+        DISK_V2,
+        &blob,
+        &digest,
+        json!({UNCOMPRESSED_SIZE: chunk.len().to_string(), UNCOMPRESSED_DIGEST: lie}),
+    );
+    store_image(&registry, "org/vm", "v1", vec![layer], chunk);
+    let home = Home::new();
+    let out = home.fail(&["pull", "--insecure", &format!("{host}/org/vm:v1")]);
+    assert!(out.stderr.contains("failed verification"), "{}", out.stderr);
+    assert!(home.cache_entries().is_empty());
+}
+
+#[test]
+fn dropped_connection_resumes_the_blob_with_range() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let image = store_two_layer_image(&registry, "org/vm", 60);
+    let cut = &image.layers[1];
+    proxy.truncate_blob_after(cut, 1_000_000, 1);
+
+    let home = Home::new();
+    home.ok(&["pull", "--insecure", &format!("{host}/org/vm:v1")]);
+    assert_pulled(&home, host, "org/vm", &image);
+    let gets = proxy.blob_gets(cut);
+    assert_eq!(gets.len(), 2, "{}", describe(&gets));
+    let resumed_at = range_start(&gets[1]);
+    assert!(
+        resumed_at.is_some_and(|k| k > 0 && k <= 1_000_000),
+        "second GET should resume with Range: bytes=<k>-, got {}",
+        describe(&gets)
+    );
+    assert_eq!(proxy.blob_gets(&image.layers[0]).len(), 1);
+}
+
+/// A two-layer image behind a proxy whose downloads of the second layer announce a
+/// `Content-Length` off by `delta`: the pull fails with an error naming the blob and leaves the
+/// cache alone, or succeeds with exactly the right image. Either way it never asks for a range
+/// past the end of the blob, and once the registry is honest again the same home pulls the right
+/// image. Returns the output of the first pull.
+fn pull_from_a_registry_lying_about_content_length(delta: i64, seed: u64) -> Out {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let image = store_two_layer_image(&registry, "org/vm", seed);
+    let name = format!("{host}/org/vm:v1");
+    let lied = &image.layers[1];
+    let size = registry.blob("org/vm", lied).len() as u64;
+    proxy.lie_content_length(lied, delta);
+
+    let home = Home::new();
+    let out = home.run_with(&["pull", "--insecure", &name], &[], None);
+    let gets = proxy.blob_gets(lied);
+    eprintln!(
+        "pull with Content-Length off by {delta}: {}\n{}\n{}",
+        out.status,
+        out.stderr,
+        describe(&gets)
+    );
+    if out.status.success() {
+        assert_pulled(&home, host, "org/vm", &image);
+    } else {
+        assert!(out.stderr.contains(lied.as_str()), "unclear error: {}", out.stderr);
+        assert_eq!(home.cache_entries(), Vec::<PathBuf>::new(), "nothing reaches the cache");
+    }
+    // Once every byte has arrived there is nothing left to ask for: `bytes=<size>-` can only
+    // be answered 416.
+    let past_end: Vec<ProxiedRequest> = gets
+        .iter()
+        .filter(|r| range_start(r).is_some_and(|start| start >= size))
+        .cloned()
+        .collect();
+    assert!(
+        past_end.is_empty(),
+        "asked for bytes past the end of the {size}-byte blob:\n{}\ntart said:\n{}",
+        describe(&past_end),
+        out.stderr
+    );
+
+    proxy.clear_faults();
+    home.ok(&["pull", "--insecure", &name]);
+    assert_pulled(&home, host, "org/vm", &image);
+    out
+}
+
+/// `k` of a `Range: bytes=k-` header.
+fn range_start(request: &ProxiedRequest) -> Option<u64> {
+    request
+        .range
+        .as_deref()?
+        .strip_prefix("bytes=")?
+        .strip_suffix('-')?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn registry_announcing_too_few_bytes_never_yields_a_wrong_image() {
+    // Every download of the blob looks cut short, resumed ones too: the pull cannot succeed, and
+    // its final error should say so, not blame the data.
+    let out = pull_from_a_registry_lying_about_content_length(-1000, 70);
+    assert!(!out.status.success());
+    let last = out.stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("connection ended") && !last.contains("decompress"),
+        "the final error hides that the download was cut short: {last:?}"
+    );
+}
+
+#[test]
+fn registry_announcing_too_many_bytes_never_yields_a_wrong_image() {
+    // Every byte arrives, then the connection ends before the announced length.
+    pull_from_a_registry_lying_about_content_length(1000, 75);
+}
+
+#[test]
+fn killed_pull_resumes_without_fetching_the_finished_layer_again() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let image = store_two_layer_image(&registry, "org/vm", 80);
+    let name = format!("{host}/org/vm:v1");
+    let (first, second) = (&image.layers[0], &image.layers[1]);
+    proxy.delay_blob(second, Duration::from_secs(60));
+
+    let home = Home::new();
+    let pull = home.spawn(&["pull", "--insecure", &name]);
+    let journal = home.pull_staging(&image.digest).join("disk-layers.done");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !fs::read_to_string(&journal).is_ok_and(|done| done.lines().any(|l| l.trim() == "0")) {
+        assert!(Instant::now() < deadline, "layer 0 never finished");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(proxy.blob_gets(second).len(), 1, "the second layer is mid-way");
+    let out = pull.kill();
+    assert!(!out.status.success());
+    assert_eq!(home.cache_entries(), Vec::<PathBuf>::new(), "nothing reaches the cache");
+    assert!(journal.exists(), "the staging directory is kept for the next attempt");
+
+    proxy.clear_faults();
+    home.ok(&["pull", "--insecure", &name]);
+    assert_pulled(&home, host, "org/vm", &image);
+    assert_eq!(proxy.blob_gets(first).len(), 1, "{}", describe(&proxy.requests()));
+    assert_eq!(proxy.blob_gets(second).len(), 2);
+    assert!(!home.pull_staging(&image.digest).exists());
+}
+
+#[test]
+fn concurrent_pulls_of_one_image_download_each_blob_once() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let image = store_v2_image(
+        &registry,
+        "org/vm",
+        "v1",
+        &[data_chunk(90), data_chunk(91), data_chunk(92)],
+    );
+    let name = format!("{host}/org/vm:v1");
+    // Slow enough that the two pulls overlap.
+    proxy.delay_blob(&image.layers[2], Duration::from_secs(2));
+
+    let home = Home::new();
+    let a = home.spawn(&["pull", "--insecure", &name]);
+    let b = home.spawn(&["pull", "--insecure", &name]);
+    for out in [a.finish(), b.finish()] {
+        assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", out.stdout, out.stderr);
+    }
+    assert_pulled(&home, host, "org/vm", &image);
+    for layer in &image.layers {
+        assert_eq!(
+            proxy.blob_gets(layer).len(),
+            1,
+            "blob {layer}:\n{}",
+            describe(&proxy.requests())
+        );
+    }
+    assert_eq!(home.oci_names(), [name, format!("{host}/org/vm@{}", image.digest)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9.-10. images that are not (current) Tart images
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn container_images_and_malformed_digests_are_refused() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+    let layer = random_bytes(4096, 100);
+    let config_digest = registry.push_blob("library/debian", config);
+    let layer_digest = registry.push_blob("library/debian", &layer);
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": {"mediaType": OCI_CONFIG_TYPE, "digest": config_digest, "size": config.len()},
+        "layers": [{
+            "mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip",
+            "digest": layer_digest,
+            "size": layer.len(),
+        }],
+    });
+    registry.push_manifest(
+        "library/debian",
+        "latest",
+        MANIFEST_TYPE,
+        &serde_json::to_vec(&manifest).unwrap(),
+    );
+    let home = Home::new();
+    let out = home.fail(&["pull", "--insecure", &format!("{host}/library/debian:latest")]);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    assert!(out.stderr.contains("not a Tart VM image"), "{}", out.stderr);
+    assert!(home.cache_entries().is_empty());
+
+    let out = home.fail(&["pull", "--insecure", &format!("{host}/library/debian@sha256:xyz")]);
+    assert!(out.stderr.contains("failed to parse remote name"), "{}", out.stderr);
+    assert!(home.cache_entries().is_empty());
+}
+
+#[test]
+fn legacy_disk_v1_images_are_reassembled_byte_for_byte() {
+    let registry = Registry::anonymous();
+    let host = registry.host();
+    let mut disk = vec![0u8; 6 << 20];
+    disk[..2 << 20].copy_from_slice(&random_bytes(2 << 20, 110));
+    disk[(4 << 20) + 12345..(5 << 20) + 12345].copy_from_slice(&random_bytes(1 << 20, 111));
+    // One stream for the whole disk, cut into two layers at an arbitrary byte.
+    let stream = apple_lz4::compress(&disk);
+    let cut = stream.len() / 2 + 7;
+    let mut layers = Vec::new();
+    for piece in [&stream[..cut], &stream[cut..]] {
+        let digest = registry.push_blob("org/old", piece);
+        layers.push(descriptor(DISK_V1, piece, &digest, json!({})));
+    }
+    let image = store_image(&registry, "org/old", "v1", layers, disk);
+    let name = format!("{host}/org/old:v1");
+    let home = Home::new();
+    home.ok(&["pull", "--insecure", &name]);
+    assert_pulled(&home, host, "org/old", &image);
+    home.ok(&["clone", &name, "old"]);
+    assert_file_is(&home.disk("old"), &image.disk);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 11. chunks that need no download
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn chunks_of_cached_images_and_zero_chunks_are_not_downloaded() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let src = Home::new();
+    make_two_chunk_vm(&src, "a", 120);
+    src.ok(&["clone", "a", "b"]);
+    write_at(&src.disk("b"), CHUNK + 2 * MIB, &random_bytes(2 << 20, 121));
+    let (a_name, b_name) = (format!("{host}/org/a:v1"), format!("{host}/org/b:v1"));
+    src.ok(&["push", "--insecure", "a", &a_name]);
+    src.ok(&["push", "--insecure", "b", &b_name]);
+    let (a_bytes, a_manifest) = manifest_of(&registry, "org/a", "v1");
+    let (b_bytes, b_manifest) = manifest_of(&registry, "org/b", "v1");
+    let (a_layers, b_layers) = (disk_layers(&a_manifest), disk_layers(&b_manifest));
+    assert_eq!(a_layers[0], b_layers[0], "chunk 0 is the same");
+    assert_ne!(a_layers[1], b_layers[1], "chunk 1 differs");
+
+    let dst = Home::new();
+    dst.ok(&["pull", "--insecure", &a_name]);
+    let out = dst.ok(&["pull", "--insecure", &b_name]);
+    let b_image = dst.image_dir(host, "org/b", &sha256_digest(&b_bytes));
+    assert_same_file(&b_image.join("disk.img"), &src.disk("b"));
+    assert_same_file(
+        &dst.image_dir(host, "org/a", &sha256_digest(&a_bytes)).join("disk.img"),
+        &src.disk("a"),
+    );
+    let gets = |digest: &str| proxy.blob_gets(digest).len();
+    assert_eq!(
+        gets(&a_layers[0]),
+        1,
+        "chunk 0 came from the cached image A:\n{}",
+        out.stderr
+    );
+    assert_eq!(gets(&a_layers[1]), 1);
+    assert_eq!(gets(&b_layers[1]), 1);
+
+    // A chunk of zeros (the untouched second chunk of a new disk) is never fetched.
+    make_vm(&src, "zeros", TWO_CHUNK_DISK, &[(10 * MIB, 2 << 20, 122)]);
+    let zeros_name = format!("{host}/org/zeros:v1");
+    src.ok(&["push", "--insecure", "zeros", &zeros_name]);
+    let (z_bytes, z_manifest) = manifest_of(&registry, "org/zeros", "v1");
+    let z_layers = disk_layers(&z_manifest);
+    assert_eq!(z_layers.len(), 2);
+    dst.ok(&["pull", "--insecure", &zeros_name]);
+    assert_eq!(gets(&z_layers[0]), 1, "chunk 0 has data");
+    assert_eq!(gets(&z_layers[1]), 0, "{}", describe(&proxy.requests()));
+    let z_image = dst.image_dir(host, "org/zeros", &sha256_digest(&z_bytes));
+    assert_same_file(&z_image.join("disk.img"), &src.disk("zeros"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 12. push: re-tag, populate the cache, chunked uploads, cross-repository mounts
+// ---------------------------------------------------------------------------------------------
+
+fn is_blob_upload(request: &ProxiedRequest) -> bool {
+    matches!(request.method.as_str(), "POST" | "PUT" | "PATCH") && request.path.contains("/blobs/")
+}
+
+#[test]
+fn retag_populate_cache_chunked_upload_and_cross_repository_mount() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let home = Home::new();
+    make_small_vm(&home, "vm", 130);
+    let v1 = format!("{host}/org/vm:v1");
+
+    // --populate-cache: the pushed image is in the cache, as if pulled.
+    home.ok(&["push", "--insecure", "--populate-cache", "vm", &v1]);
+    let (bytes, manifest) = manifest_of(&registry, "org/vm", "v1");
+    let digest = sha256_digest(&bytes);
+    assert_eq!(home.oci_names(), [v1.clone(), format!("{host}/org/vm@{digest}")]);
+    let image = home.image_dir(host, "org/vm", &digest);
+    assert_same_file(&image.join("disk.img"), &home.disk("vm"));
+    assert_eq!(
+        fs::canonicalize(home.repo_dir(host, "org/vm").join("v1")).unwrap(),
+        fs::canonicalize(&image).unwrap()
+    );
+
+    // Re-tagging a cached image uploads no blob.
+    proxy.clear_requests();
+    home.ok(&["push", "--insecure", &v1, &format!("{host}/org/vm:v2")]);
+    let uploads: Vec<ProxiedRequest> = proxy.requests().into_iter().filter(is_blob_upload).collect();
+    assert!(uploads.is_empty(), "re-tag uploaded blobs:\n{}", describe(&uploads));
+    assert_eq!(registry.manifest("org/vm", "v2").0, bytes);
+    let mut tags = registry.tags("org/vm");
+    tags.sort();
+    assert_eq!(tags, ["v1", "v2"]);
+
+    // Another repository of the same registry: the disk is mounted, not uploaded.
+    proxy.clear_requests();
+    home.ok(&["push", "--insecure", "vm", &format!("{host}/other/vm:v1")]);
+    let disk_digest = &disk_layers(&manifest)[0];
+    let requests = proxy.requests();
+    let mounted = requests.iter().any(|r| {
+        let query = query_pairs(r);
+        r.method == "POST"
+            && r.path == "/v2/other/vm/blobs/uploads/"
+            && query.contains(&("mount".into(), disk_digest.clone()))
+            && query.contains(&("from".into(), "org/vm".into()))
+    });
+    assert!(
+        mounted,
+        "no mount of {disk_digest} from org/vm:\n{}",
+        describe(&requests)
+    );
+    let uploaded_disk: Vec<ProxiedRequest> = requests
+        .iter()
+        .filter(|r| {
+            matches!(r.method.as_str(), "PUT" | "PATCH")
+                && r.path.starts_with("/v2/other/vm/blobs/uploads/")
+                && query_pairs(r).contains(&("digest".into(), disk_digest.clone()))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        uploaded_disk.is_empty(),
+        "disk uploaded anyway:\n{}",
+        describe(&uploaded_disk)
+    );
+    assert_eq!(manifest_of(&registry, "other/vm", "v1").1["layers"], manifest["layers"]);
+    registry.blob("other/vm", disk_digest);
+
+    // --chunk-size 1: PATCH uploads of at most 1 MB; what arrives is intact.
+    make_small_vm(&home, "vm2", 131);
+    proxy.clear_requests();
+    let chunked = format!("{host}/org/chunked:v1");
+    home.ok(&["push", "--insecure", "--chunk-size", "1", "vm2", &chunked]);
+    let patches: Vec<ProxiedRequest> = proxy
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "PATCH" && r.path.starts_with("/v2/org/chunked/blobs/uploads/"))
+        .collect();
+    assert!(
+        patches.len() >= 3,
+        "expected PATCH uploads:\n{}",
+        describe(&proxy.requests())
+    );
+    let other = Home::new();
+    other.ok(&["pull", "--insecure", &chunked]);
+    let chunked_digest = sha256_digest(&registry.manifest("org/chunked", "v1").0);
+    assert_same_file(
+        &other.image_dir(host, "org/chunked", &chunked_digest).join("disk.img"),
+        &home.disk("vm2"),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 13. credentials never follow a redirect to another host
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn redirected_blob_downloads_carry_no_credentials() {
+    let registry = Registry::basic("alice", "s3cret");
+    let front = FaultProxy::start(registry.host());
+    let cdn = FaultProxy::start(registry.host());
+    store_two_layer_image(&registry, "org/vm", 140);
+    front.redirect_blobs_to(cdn.host());
+
+    let home = Home::new();
+    let env = [
+        ("TART_REGISTRY_USERNAME", "alice"),
+        ("TART_REGISTRY_PASSWORD", "s3cret"),
+    ];
+    let out = home.run_with(
+        &["pull", "--insecure", &format!("{}/org/vm:v1", front.host())],
+        &env,
+        None,
+    );
+    let front_log = front.requests();
+    assert!(
+        front_log.iter().any(|r| r.has_authorization()),
+        "credentials were used with the registry itself:\n{}",
+        describe(&front_log)
+    );
+    assert!(
+        front_log.iter().any(|r| r.status == 307),
+        "blob downloads were redirected:\n{}",
+        describe(&front_log)
+    );
+    let cdn_log = cdn.requests();
+    assert!(
+        !cdn_log.is_empty(),
+        "the redirect was not followed; tart said:\n{}",
+        out.stderr
+    );
+    let leaked: Vec<ProxiedRequest> = cdn_log.iter().filter(|r| r.has_authorization()).cloned().collect();
+    assert!(
+        leaked.is_empty(),
+        "credentials sent to another host:\n{}",
+        describe(&leaked)
+    );
+    if !out.status.success() {
+        assert!(home.cache_entries().is_empty());
+    }
+}
+
+#[test]
+fn running_vms_are_not_pushed_and_local_names_are_not_pulled() {
+    let registry = Registry::anonymous();
+    let home = Home::new();
+    make_small_vm(&home, "vm", 40);
+    // This test process holds the run lock; tart, another process, sees the VM running.
+    let _running = tart_home::PidLock::try_acquire(&home.vm("vm").join("config.json"))
+        .unwrap()
+        .unwrap();
+    let out = home.run_with(
+        &["push", "--insecure", "vm", &format!("{}/x/vm:v1", registry.host())],
+        &[],
+        None,
+    );
+    assert_eq!(out.code(), Some(2));
+    assert_eq!(out.stderr, "VM \"vm\" is running\n");
+    let out = home.ok(&["pull", "vm"]);
+    assert_eq!(out.stdout, "\"vm\" is a local image, nothing to pull here!\n");
+}
