@@ -297,6 +297,9 @@ impl Registry {
                     self.host
                 )
             }
+            OciDistributionError::RequestError(e) if format!("{e:?}").contains("certificate") => {
+                " (to trust a private CA, pass --ca-cert <pem> or set TART_REGISTRY_CA_CERT)".to_owned()
+            }
             OciDistributionError::RequestError(e) if e.is_connect() => {
                 format!(
                     " (is {} reachable? use --insecure for a registry that speaks plain HTTP)",
