@@ -21,8 +21,8 @@ pub enum Command {
     Create(CreateArgs),
     /// Clone a VM (a local one, or an image from a registry)
     Clone(CloneArgs),
-    /// Run a VM (not implemented yet)
-    Run(NotYet),
+    /// Run a VM
+    Run(RunArgs),
     /// Modify a VM's configuration
     Set(SetArgs),
     /// Get a VM's configuration
@@ -56,8 +56,8 @@ pub enum Command {
     /// Get a fully-qualified VM name
     #[command(hide = true)]
     Fqn(FqnArgs),
-    /// Suspend a running VM (not implemented yet)
-    Suspend(NotYet),
+    /// Suspend a running VM (its state is saved; the next `tart run` resumes it)
+    Suspend(SuspendArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
     /// Print the man page (roff)
@@ -81,6 +81,69 @@ impl Command {
 pub struct NotYet {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     _args: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// VM name
+    pub name: String,
+    /// Don't serve the VM's display (headless)
+    #[arg(long)]
+    pub no_graphics: bool,
+    /// Serve the display even with a VNC flag (accepted for Tart compatibility)
+    #[arg(long, hide = true)]
+    pub graphics: bool,
+    /// Attach a new pseudo-terminal as the serial console and print its path
+    #[arg(long)]
+    pub serial: bool,
+    /// Attach an existing terminal device or a file as the serial console
+    #[arg(long, value_name = "path")]
+    pub serial_path: Option<PathBuf>,
+    /// Serve the display over VNC on 127.0.0.1 and print its vnc:// URL
+    #[arg(long)]
+    pub vnc: bool,
+    /// Same as --vnc (Tart's name for its password-protected local VNC server)
+    #[arg(long)]
+    pub vnc_experimental: bool,
+    /// Root disk options: ro, sync=none|fsync|full, caching=automatic|cached|uncached (comma-separated)
+    #[arg(long, default_value = "", value_name = "options")]
+    pub root_disk_opts: String,
+    /// No audio device (the VM has none anyway)
+    #[arg(long)]
+    pub no_audio: bool,
+    /// Accepted for Tart compatibility: every VM can be suspended
+    #[arg(long)]
+    pub suspendable: bool,
+    /// No keyboard
+    #[arg(long)]
+    pub no_keyboard: bool,
+    /// No pointing device
+    #[arg(long)]
+    pub no_pointer: bool,
+    /// Additional disks (not implemented yet)
+    #[arg(long, value_name = "path[:options]")]
+    pub disk: Vec<String>,
+    /// Directory shares (not implemented yet)
+    #[arg(long, value_name = "[name:]path[:options]")]
+    pub dir: Vec<String>,
+    /// Nested virtualization (not implemented yet)
+    #[arg(long)]
+    pub nested: bool,
+    /// Bridged networking (not implemented yet)
+    #[arg(long, value_name = "interface")]
+    pub net_bridged: Vec<String>,
+    /// Softnet isolation (not implemented yet)
+    #[arg(long)]
+    pub net_softnet: bool,
+    /// Host-only networking (not implemented yet)
+    #[arg(long)]
+    pub net_host: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct SuspendArgs {
+    /// VM name
+    pub name: String,
 }
 
 #[derive(Args, Debug)]

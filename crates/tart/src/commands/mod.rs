@@ -3,6 +3,7 @@ mod lifecycle;
 mod meta;
 mod prune;
 mod registry;
+mod run;
 
 use std::process::ExitCode;
 
@@ -38,7 +39,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::List(args) => info::list(&ctx, &args),
         Command::Fqn(args) => info::fqn(&ctx, &args),
         Command::Prune(args) => prune::prune(&ctx, &args),
-        Command::Run(_) => not_implemented("run"),
+        Command::Run(args) => return run::run(&ctx, &args),
         Command::Login(args) => registry::login(&ctx, &args),
         Command::Logout(args) => registry::logout(&ctx, &args),
         Command::Ip(_) => not_implemented("ip"),
@@ -47,7 +48,7 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Push(args) => registry::push(&ctx, &args),
         Command::Import(_) => not_implemented("import"),
         Command::Export(_) => not_implemented("export"),
-        Command::Suspend(_) => not_implemented("suspend"),
+        Command::Suspend(args) => run::suspend(&ctx, &args),
         Command::Completions(_) | Command::Manpage => unreachable!("handled before TART_HOME is opened"),
     }?;
     Ok(ExitCode::SUCCESS)
