@@ -7,33 +7,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use tart_home::{Arch, VmConfig, VmDir};
 use tart_qemu::{Error, ExitReason, HostInfo, NetworkAttachment, RunOptions, RunningVm, SerialPort, VmSpec};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The test guest image, built (with its dependencies) on first use.
-fn test_image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let image = repo_root().join("build/guest/test.img");
-        if !image.is_file() {
-            let status = Command::new(repo_root().join("scripts/guest/build-test-guest"))
-                .arg(&image)
-                .status()
-                .expect("run scripts/guest/build-test-guest");
-            assert!(status.success(), "build-test-guest failed");
-        }
-        image
-    })
-}
 
 /// A VM directory like `tart create`/`clone` leave: config.json, disk.img (a copy of the test
 /// guest: it writes its boot counter), nvram.bin (the firmware's empty store).
@@ -52,7 +31,7 @@ impl TestVm {
         config.cpu_count = 1;
         config.memory_size = 512 << 20;
         vm.save_config(&config).unwrap();
-        fs::copy(test_image(), vm.disk_path()).unwrap();
+        fs::copy(tart_testkit::test_guest_image(), vm.disk_path()).unwrap();
         let template = tart_qemu::firmware::find_firmware(Arch::Amd64).unwrap().vars_template;
         fs::copy(template, vm.nvram_path()).unwrap();
         TestVm { dir, vm, config }

@@ -504,10 +504,10 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
     home.tart().args(["frobnicate"]).assert().code(64);
     home.tart().args(["clone", "vm", "a/b"]).assert().code(64);
     home.tart()
-        .args(["run", "vm"])
+        .args(["ip", "vm"])
         .assert()
         .code(1)
-        .stderr("not implemented yet: run\n");
+        .stderr("not implemented yet: ip\n");
     assert_eq!(home.vm_names(), ["vm"]);
 }
 

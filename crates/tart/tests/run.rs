@@ -4,31 +4,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use assert_cmd::prelude::*;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn test_image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let image = repo_root().join("build/guest/test.img");
-        if !image.is_file() {
-            let status = Command::new(repo_root().join("scripts/guest/build-test-guest"))
-                .arg(&image)
-                .status()
-                .expect("run scripts/guest/build-test-guest");
-            assert!(status.success(), "build-test-guest failed");
-        }
-        image
-    })
-}
 
 struct Home {
     dir: tempfile::TempDir,
@@ -45,7 +25,7 @@ impl Home {
             "set",
             "guest",
             "--disk",
-            test_image().to_str().unwrap(),
+            tart_testkit::test_guest_image().to_str().unwrap(),
             "--cpu",
             "1",
             "--memory",
