@@ -30,8 +30,6 @@ pub enum Error {
     HomeNotDirectory(PathBuf),
     #[error("new disk size of {}GB should be larger than the current disk size of {}GB", .requested / 1_000_000_000, .current / 1_000_000_000)]
     DiskShrink { requested: u64, current: u64 },
-    #[error("no UEFI variable store template for {arch} VMs: install Debian's {package} package or point TART_UEFI_VARS at one")]
-    MissingFirmware { arch: &'static str, package: &'static str },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
 }

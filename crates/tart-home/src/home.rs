@@ -56,10 +56,6 @@ impl TartHome {
         self.root.join("vms")
     }
 
-    pub fn cache_dir(&self) -> PathBuf {
-        self.root.join("cache")
-    }
-
     pub fn oci_cache_dir(&self) -> PathBuf {
         self.root.join("cache").join("OCIs")
     }

@@ -13,7 +13,6 @@ mod lock;
 mod mac;
 mod name;
 pub mod prune;
-mod uefi;
 mod vm;
 
 pub use config::{tart_compact_json, tart_pretty_json, Arch, DiskFormat, Display, DisplayUnit, Os, VmConfig};
@@ -24,5 +23,4 @@ pub use lifecycle::grow_disk;
 pub use lock::{FileLock, PidLock};
 pub use mac::MacAddress;
 pub use name::validate_local_name;
-pub use uefi::vars_template;
 pub use vm::{AccessDate, VmDir, VmState};

@@ -33,15 +33,7 @@ impl TartHome {
         let target = self.vacant_target(target_name, force)?;
         let staging = self.staging_dir()?;
         let staged = VmDir::new(staging.path().to_owned());
-        let mut files = vec![source.config_path(), source.nvram_path(), source.disk_path()];
-        if source.state_path().exists() {
-            files.push(source.state_path());
-        }
-        for file in &files {
-            let name = file.file_name().expect("VM file paths have names");
-            clone_file(file, &staging.path().join(name))
-                .map_err(io_context(format!("failed to copy {}", file.display())))?;
-        }
+        source.copy_files_into(staging.path(), true)?;
 
         let _global = self.global_lock()?;
         let mut config = staged.config()?;

@@ -166,6 +166,21 @@ impl VmDir {
             )))
     }
 
+    /// Copies the VM's files into the (empty) directory `target`, reflinked where possible; the
+    /// saved machine state too when `with_state` and there is one.
+    pub fn copy_files_into(&self, target: &Path, with_state: bool) -> Result<()> {
+        let mut files = vec![self.config_path(), self.nvram_path(), self.disk_path()];
+        if with_state && self.state_path().exists() {
+            files.push(self.state_path());
+        }
+        for file in &files {
+            let name = file.file_name().expect("VM file paths have names");
+            crate::clone_file(file, &target.join(name))
+                .map_err(io_context(format!("failed to copy {}", file.display())))?;
+        }
+        Ok(())
+    }
+
     /// Removes the VM. It is first renamed into `tmp_dir`, so an interrupted delete never leaves
     /// a half-deleted VM under `vms/` (tmp GC finishes the job).
     pub fn remove(self, tmp_dir: &Path) -> Result<()> {

@@ -152,14 +152,10 @@ impl OciCache {
         manifest: &[u8],
         tags: &[RemoteName],
     ) -> anyhow::Result<()> {
-        use anyhow::Context;
         let image_dir = self.path_for(digest_name);
         if !VmDir::new(image_dir.clone()).is_initialized() {
             let staging = home.staging_dir()?;
-            for file in [vm.config_path(), vm.nvram_path(), vm.disk_path()] {
-                let target = staging.path().join(file.file_name().expect("VM files have names"));
-                tart_home::clone_file(&file, &target).with_context(|| format!("failed to copy {}", file.display()))?;
-            }
+            vm.copy_files_into(staging.path(), false)?;
             fs::write(staging.path().join("manifest.json"), manifest)?;
             let parent = image_dir.parent().expect("cache paths have parents");
             fs::create_dir_all(parent)?;

@@ -8,13 +8,3 @@ pub trait Progress: Send + Sync {
     fn advance(&self, bytes: u64);
     fn end(&self);
 }
-
-/// For callers that want no output.
-pub struct Silent;
-
-impl Progress for Silent {
-    fn line(&self, _: &str) {}
-    fn begin(&self, _: u64) {}
-    fn advance(&self, _: u64) {}
-    fn end(&self) {}
-}

@@ -59,8 +59,7 @@ pub async fn pull(
     } else if cached(&image_dir) {
         progress.line(&format!("{digest_name} image is already cached! creating a symlink..."));
     } else {
-        let hex = digest.trim_start_matches("sha256:").to_owned();
-        let staging_path = home.tmp_dir().join(format!("{PULL_STAGING_PREFIX}{hex}"));
+        let staging_path = staging_path(home, &digest);
         // The staging directory's lock is the per-image lock: a second pull of the same image
         // waits here, then finds it cached; pulls of other images go on in parallel.
         let staging = tokio::task::spawn_blocking(move || {
@@ -464,8 +463,8 @@ async fn stream_blob(
     Ok(())
 }
 
-/// Where pulls stage their work, for tests and diagnostics.
-pub fn staging_path(home: &TartHome, manifest_digest: &str) -> PathBuf {
+/// Where a pull of the image with this manifest digest stages its work.
+fn staging_path(home: &TartHome, manifest_digest: &str) -> PathBuf {
     home.tmp_dir().join(format!(
         "{PULL_STAGING_PREFIX}{}",
         manifest_digest.trim_start_matches("sha256:")

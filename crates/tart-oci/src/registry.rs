@@ -110,10 +110,6 @@ impl Registry {
         })
     }
 
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
     pub fn namespace(&self) -> &str {
         &self.namespace
     }

@@ -22,9 +22,13 @@ pub fn create(ctx: &Context, args: &CreateArgs) -> Result<()> {
     if args.disk_format.eq_ignore_ascii_case("asif") {
         bail!("ASIF disk images need macOS 26 or newer: use --disk-format raw");
     }
-    let template = tart_home::vars_template(Arch::host())?;
-    ctx.home
-        .create_linux_vm(&args.name, u64::from(args.disk_size) * GB, &template, args.force)?;
+    let firmware = tart_qemu::firmware::find_firmware(Arch::host())?;
+    ctx.home.create_linux_vm(
+        &args.name,
+        u64::from(args.disk_size) * GB,
+        &firmware.vars_template,
+        args.force,
+    )?;
     Ok(())
 }
 
