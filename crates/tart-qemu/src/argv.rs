@@ -6,8 +6,10 @@ use std::path::{Path, PathBuf};
 
 use tart_home::Arch;
 
+use crate::disk::DiskSource;
 use crate::host::Accel;
 use crate::spec::{NetworkAttachment, SerialDevice, SerialPort, VmSpec};
+use crate::vsock::VsockDevice;
 use crate::{Error, Result};
 
 /// What a run adds to the spec: where QEMU's QMP socket goes and which inherited descriptors
@@ -19,6 +21,10 @@ pub struct Runtime {
     pub qmp_socket: PathBuf,
     /// For NIC `index`, the descriptor QEMU inherits as its connected stream socket (passt).
     pub netdev_fds: BTreeMap<usize, RawFd>,
+    /// For share `index`, the vhost-user socket its `virtiofsd` listens on.
+    pub share_sockets: BTreeMap<usize, PathBuf>,
+    /// The vhost-user socket of `vhost-device-vsock`, for [`VsockDevice::VhostUser`].
+    pub vsock_socket: Option<PathBuf>,
 }
 
 /// Id of the chardev of the guest console (reported by `query-chardev`).
@@ -52,11 +58,14 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
 
     // RAM as a shared memfd, so vhost-user devices (virtiofsd, vhost-device-vsock) can be added.
     let memory_mib = spec.memory_bytes.div_ceil(MIB);
-    let machine = match spec.arch {
+    let machine = match (spec.arch, spec.nested) {
         // smm=off: the plain OVMF build needs no SMM and emulating it costs seconds under TCG.
-        Arch::Amd64 => "q35,smm=off,vmport=off,memory-backend=ram0",
+        // Nested x86 needs nothing here: `-cpu host` passes VT-x/AMD-V through when KVM allows it.
+        (Arch::Amd64, _) => "q35,smm=off,vmport=off,memory-backend=ram0",
         // gic-version=max: GICv3 where possible (more than 8 vCPUs), under KVM and TCG alike.
-        Arch::Arm64 => "virt,gic-version=max,memory-backend=ram0",
+        (Arch::Arm64, false) => "virt,gic-version=max,memory-backend=ram0",
+        // EL2 for the guest's own hypervisor.
+        (Arch::Arm64, true) => "virt,gic-version=max,memory-backend=ram0,virtualization=on",
     };
     push(&["-machine", machine]);
     let cpu = match (spec.accel, spec.arch) {
@@ -101,6 +110,45 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
     push(&["-drive", &drive]);
     push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]);
 
+    let mut scsi_controller = false;
+    for (index, disk) in spec.extra_disks.iter().enumerate() {
+        let id = format!("disk{index}");
+        let options = &disk.options;
+        let mut drive = format!("if=none,id={id},{}", options.qemu_cache().drive_option());
+        match &disk.source {
+            DiskSource::Image { path, format } => {
+                drive.push_str(&format!(",format={},file={}", format.as_str(), path_opt(path)?));
+            }
+            DiskSource::Iso(path) => drive.push_str(&format!(",format=raw,media=cdrom,file={}", path_opt(path)?)),
+            DiskSource::BlockDevice(path) => {
+                drive.push_str(&format!(",format=raw,file={}", path_opt(path)?));
+            }
+            DiskSource::Nbd(url) => drive.push_str(&format!(",format=raw,file={}", escape(url))),
+        }
+        if options.read_only {
+            drive.push_str(",readonly=on");
+        } else if !matches!(disk.source, DiskSource::Nbd(_)) {
+            drive.push_str(",discard=unmap");
+        }
+        push(&["-drive", &drive]);
+        match disk.source {
+            // After the root disk in the boot order: an installer boots while the root disk is
+            // still empty, and never again once something is installed there.
+            DiskSource::Iso(_) => {
+                if !scsi_controller {
+                    push(&["-device", "virtio-scsi-pci,id=scsi0"]);
+                    scsi_controller = true;
+                }
+                push(&[
+                    "-device",
+                    &format!("scsi-cd,bus=scsi0.0,drive={id},bootindex={}", index + 1),
+                ]);
+            }
+            // The serial shows up as /dev/disk/by-id/virtio-tart-disk<N> in Linux guests.
+            _ => push(&["-device", &format!("virtio-blk-pci,drive={id},serial=tart-disk{index}")]),
+        }
+    }
+
     if spec.entropy {
         push(&["-object", "rng-random,id=rng0,filename=/dev/urandom"]);
         push(&["-device", "virtio-rng-pci,rng=rng0"]);
@@ -129,6 +177,31 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
             "-device",
             &format!("virtio-net-pci,netdev={id},mac={},romfile=", nic.mac),
         ]);
+    }
+
+    for (index, share) in spec.shares.iter().enumerate() {
+        let socket = runtime
+            .share_sockets
+            .get(&index)
+            .ok_or_else(|| Error::InvalidSpec(format!("share {index} has no virtiofsd socket")))?;
+        push(&["-chardev", &format!("socket,id=fs{index},path={}", path_opt(socket)?)]);
+        push(&[
+            "-device",
+            &format!("vhost-user-fs-pci,chardev=fs{index},tag={}", escape(&share.tag)),
+        ]);
+    }
+
+    match &spec.vsock {
+        Some(VsockDevice::Kernel { cid }) => push(&["-device", &format!("vhost-vsock-pci,guest-cid={cid}")]),
+        Some(VsockDevice::VhostUser { .. }) => {
+            let socket = runtime
+                .vsock_socket
+                .as_deref()
+                .ok_or_else(|| Error::InvalidSpec("vhost-user vsock without a socket".into()))?;
+            push(&["-chardev", &format!("socket,id=vsock0,path={}", path_opt(socket)?)]);
+            push(&["-device", "vhost-user-vsock-pci,chardev=vsock0"]);
+        }
+        None => {}
     }
 
     if let Some(size) = spec.display {
@@ -201,7 +274,7 @@ fn path_opt(path: &Path) -> Result<String> {
 mod tests {
     use super::*;
     use crate::spec::{DisplaySize, NetworkDevice};
-    use crate::RootDiskOptions;
+    use crate::DiskOptions;
 
     fn typical() -> VmSpec {
         VmSpec {
@@ -214,7 +287,11 @@ mod tests {
             firmware_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
             nvram: "/root/.tart/vms/ubuntu/nvram.bin".into(),
             root_disk: "/root/.tart/vms/ubuntu/disk.img".into(),
-            root_disk_options: RootDiskOptions::default(),
+            root_disk_options: DiskOptions::default(),
+            extra_disks: vec![],
+            shares: vec![],
+            vsock: None,
+            nested: false,
             network: vec![NetworkDevice {
                 mac: "6e:35:1a:09:4c:b2".parse().unwrap(),
                 attachment: NetworkAttachment::Slirp { restrict: false },
@@ -238,6 +315,8 @@ mod tests {
         Runtime {
             qmp_socket: "/run/user/0/tart-qemu-x/qmp.sock".into(),
             netdev_fds: BTreeMap::new(),
+            share_sockets: BTreeMap::new(),
+            vsock_socket: None,
         }
     }
 
@@ -319,14 +398,14 @@ mod tests {
                 .unwrap()
                 .to_owned()
         };
-        spec.root_disk_options = RootDiskOptions::parse("ro,caching=uncached").unwrap();
+        spec.root_disk_options = DiskOptions::parse("ro,caching=uncached").unwrap();
         assert_eq!(
             root(&spec),
             "if=none,id=root,format=raw,file=/root/.tart/vms/ubuntu/disk.img,cache=none,readonly=on"
         );
-        spec.root_disk_options = RootDiskOptions::parse("sync=none,caching=uncached").unwrap();
+        spec.root_disk_options = DiskOptions::parse("sync=none,caching=uncached").unwrap();
         assert!(root(&spec).ends_with(",cache.direct=on,cache.no-flush=on,discard=unmap"));
-        spec.root_disk_options = RootDiskOptions::parse("sync=none").unwrap();
+        spec.root_disk_options = DiskOptions::parse("sync=none").unwrap();
         assert!(root(&spec).ends_with(",cache=unsafe,discard=unmap"));
     }
 

@@ -27,7 +27,15 @@ pub enum Error {
     #[error("TART_ACCEL=kvm, but KVM cannot be used: {0}")]
     KvmUnavailable(String),
     #[error("invalid --root-disk-opts: {0}")]
-    InvalidRootDiskOptions(String),
+    InvalidDiskOptions(String),
+    #[error("invalid --disk {argument:?}: {reason}")]
+    InvalidDisk { argument: String, reason: String },
+    #[error("invalid --dir {argument:?}: {reason}")]
+    InvalidDirectoryShare { argument: String, reason: String },
+    #[error("{0}")]
+    DiskInUse(String),
+    #[error("{program} not found in PATH: {hint}")]
+    MissingHelper { program: &'static str, hint: &'static str },
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
     #[error("path is not valid UTF-8, QEMU cannot be given it: {}", .0.display())]

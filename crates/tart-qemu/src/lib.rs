@@ -38,17 +38,23 @@ mod error;
 pub mod firmware;
 mod host;
 pub mod qmp;
+mod share;
 mod spec;
 mod sys;
 mod vm;
+mod vsock;
 
 pub use argv::{qemu_args, Runtime};
-pub use disk::{CachingMode, QemuCache, RootDiskOptions, SyncMode};
+pub use disk::{
+    CachingMode, DiskClaim, DiskOptions, DiskSource, ExtraDisk, ImageFormat, QemuCache, RemoteDiskResolver, SyncMode,
+};
 pub use error::{Error, Result};
 pub use firmware::{Firmware, NvramChoice, NvramFormat, QEMU_NVRAM_FILE};
 pub use host::{cpuinfo_has_hardware_virtualization, qemu_binary_name, Accel, AccelChoice, HostInfo, ACCEL_ENV};
 pub use qmp::{QemuVersion, QmpClient, QmpError, QmpEvent, ShutdownEvent};
+pub use share::{parse_directory_shares, NamedDirectory, ShareContent, SharedDirectory, DEFAULT_SHARE_TAG};
 pub use spec::{
     DisplaySize, NetworkAttachment, NetworkDevice, PreparedVm, RunOptions, SerialDevice, SerialPort, VmSpec,
 };
 pub use vm::{ExitReason, RunningVm};
+pub use vsock::{GuestStream, VsockConnector, VsockDevice};

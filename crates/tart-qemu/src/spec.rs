@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 
 use tart_home::{Arch, DiskFormat, MacAddress, Os, VmConfig, VmDir};
 
+use crate::disk::ExtraDisk;
 use crate::firmware::{find_firmware, prepare_nvram, NvramChoice};
 use crate::host::{Accel, AccelChoice, HostInfo};
-use crate::{Error, Result, RootDiskOptions};
+use crate::share::SharedDirectory;
+use crate::vsock::VsockDevice;
+use crate::{DiskOptions, Error, Result};
 
 /// A VM ready to be started with [`crate::RunningVm::start`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,7 +37,15 @@ pub struct VmSpec {
     /// The writable UEFI variable store (pflash): `nvram.bin` or its substitute.
     pub nvram: PathBuf,
     pub root_disk: PathBuf,
-    pub root_disk_options: RootDiskOptions,
+    pub root_disk_options: DiskOptions,
+    /// `--disk`: more virtio-blk disks (CD-ROMs for ISO images), after the root disk.
+    pub extra_disks: Vec<ExtraDisk>,
+    /// `--dir`: one virtio-fs device (and `virtiofsd`) per tag.
+    pub shares: Vec<SharedDirectory>,
+    /// The channel to the guest agent.
+    pub vsock: Option<VsockDevice>,
+    /// Let the guest run its own VMs (`--nested`).
+    pub nested: bool,
     /// Network interfaces, in PCI order.
     pub network: Vec<NetworkDevice>,
     /// The virtual GPU's preferred resolution (`virtio-gpu-pci`); `None` = no GPU at all.
@@ -152,7 +163,13 @@ pub struct RunOptions {
     pub vnc: bool,
     pub serial: SerialPort,
     pub serial_device: SerialDevice,
-    pub root_disk: RootDiskOptions,
+    pub root_disk: DiskOptions,
+    pub extra_disks: Vec<ExtraDisk>,
+    pub shares: Vec<SharedDirectory>,
+    /// Only devices whose state QEMU can save: no vhost-user vsock or virtio-fs (`--suspendable`,
+    /// or resuming a suspended VM).
+    pub suspendable: bool,
+    pub nested: bool,
     /// NICs' host side, one NIC each (all with the config's MAC for now: Tart gives every NIC
     /// the same address too).
     pub network: Vec<NetworkAttachment>,
@@ -169,7 +186,11 @@ impl RunOptions {
             vnc: true,
             serial: SerialPort::None,
             serial_device: SerialDevice::default(),
-            root_disk: RootDiskOptions::default(),
+            root_disk: DiskOptions::default(),
+            extra_disks: Vec::new(),
+            shares: Vec::new(),
+            suspendable: false,
+            nested: false,
             network: vec![NetworkAttachment::user_nat(host)],
             keyboard: true,
             pointer: true,
@@ -201,7 +222,15 @@ impl VmSpec {
                 "ASIF disk images can only be used on macOS hosts".into(),
             ));
         }
+        if options.suspendable && !options.shares.is_empty() {
+            return Err(Error::InvalidSpec(
+                "--dir cannot be used with a suspendable VM: QEMU cannot save the state of a virtio-fs device".into(),
+            ));
+        }
         let accel = host.choose_accel(config.arch)?;
+        if options.nested {
+            check_nested(accel.accel, config.arch)?;
+        }
         let qemu_binary = host.qemu_binary(config.arch)?;
         let firmware = find_firmware(config.arch)?;
         let nvram = prepare_nvram(&vm.nvram_path(), &firmware)?;
@@ -221,6 +250,10 @@ impl VmSpec {
             nvram: nvram.path.clone(),
             root_disk: vm.disk_path(),
             root_disk_options: options.root_disk,
+            extra_disks: options.extra_disks,
+            shares: options.shares,
+            vsock: VsockDevice::choose(host, options.suspendable),
+            nested: options.nested,
             network: options
                 .network
                 .into_iter()
@@ -249,5 +282,34 @@ impl VmSpec {
             nvram,
             warnings,
         })
+    }
+}
+
+/// Nested virtualization needs the guest to see VT-x/AMD-V (x86, KVM only: QEMU's TCG emulates
+/// neither) or EL2 (arm64: TCG emulates it; KVM only on hosts with nested support).
+fn check_nested(accel: Accel, arch: Arch) -> Result<()> {
+    match (accel, arch) {
+        (Accel::Tcg, Arch::Amd64) => Err(Error::InvalidSpec(
+            "nested virtualization is not available: this VM runs under QEMU's TCG emulation, which \
+             cannot emulate VT-x/AMD-V; it needs a host with KVM"
+                .into(),
+        )),
+        (Accel::Kvm, Arch::Amd64) => {
+            let enabled = ["kvm_intel", "kvm_amd"].iter().any(|module| {
+                std::fs::read_to_string(format!("/sys/module/{module}/parameters/nested"))
+                    .is_ok_and(|value| matches!(value.trim(), "Y" | "y" | "1"))
+            });
+            if enabled {
+                Ok(())
+            } else {
+                Err(Error::InvalidSpec(
+                    "nested virtualization is disabled in the host's KVM module: enable it with \
+                     \"echo 'options kvm_intel nested=1' >/etc/modprobe.d/kvm-nested.conf\" (kvm_amd on AMD) \
+                     and reload the module"
+                        .into(),
+                ))
+            }
+        }
+        (_, Arch::Arm64) => Ok(()),
     }
 }

@@ -129,6 +129,74 @@ pub(crate) fn random_vnc_password() -> io::Result<String> {
     Ok(bytes.iter().map(|b| ALPHABET[(*b as usize) % 32] as char).collect())
 }
 
+/// A bind mount to make in a child's private mount namespace.
+pub(crate) struct BindMount {
+    source: std::ffi::CString,
+    target: std::ffi::CString,
+    read_only: bool,
+}
+
+impl BindMount {
+    pub(crate) fn new(source: &std::path::Path, target: &std::path::Path, read_only: bool) -> crate::Result<Self> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = |path: &std::path::Path| {
+            std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| crate::Error::NonUtf8Path(path.to_owned()))
+        };
+        Ok(BindMount {
+            source: c_path(source)?,
+            target: c_path(target)?,
+            read_only,
+        })
+    }
+}
+
+/// Runs `command` in a new mount namespace (needs CAP_SYS_ADMIN) holding `mounts`, so that they
+/// exist for that process only and vanish with it. Propagation is cut first: nothing leaks back
+/// to the host's namespace.
+pub(crate) fn bind_mounts_in_new_namespace(command: &mut Command, mounts: Vec<BindMount>) {
+    // SAFETY: the closure only makes async-signal-safe system calls (unshare, mount) on strings
+    // allocated before the fork.
+    unsafe {
+        command.pre_exec(move || {
+            let check = |rc: libc::c_int| {
+                if rc == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            };
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            let none = std::ptr::null();
+            check(libc::mount(
+                none,
+                c"/".as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            for bind in &mounts {
+                check(libc::mount(
+                    bind.source.as_ptr(),
+                    bind.target.as_ptr(),
+                    none,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                if bind.read_only {
+                    check(libc::mount(
+                        none,
+                        bind.target.as_ptr(),
+                        none,
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                        std::ptr::null(),
+                    ))?;
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,9 +16,9 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 use crate::argv::{qemu_args, Runtime, SERIAL_CHARDEV};
 use crate::error::io_context;
 use crate::qmp::{QmpClient, QmpError, QmpEvent, ShutdownEvent};
+use crate::share::{ShareContent, SharedDirectory};
 use crate::spec::{NetworkAttachment, SerialPort, VmSpec};
+use crate::vsock::{VsockConnector, VsockDevice};
 use crate::{sys, Error, Result};
 
 /// How long QEMU may take to open its QMP socket after being spawned.
@@ -63,6 +65,7 @@ pub struct RunningVm {
     quit_requested: AtomicBool,
     vnc_url: Option<String>,
     serial_pty: Option<PathBuf>,
+    vsock: Option<VsockConnector>,
     args: Vec<String>,
     runtime_dir: tempfile::TempDir,
 }
@@ -87,6 +90,31 @@ impl RunningVm {
         let mut runtime = Runtime {
             qmp_socket: runtime_dir.path().join("qmp.sock"),
             netdev_fds: BTreeMap::new(),
+            share_sockets: BTreeMap::new(),
+            vsock_socket: None,
+        };
+        let mut helpers = Vec::new();
+        if !spec.shares.is_empty() {
+            let virtiofsd = find_virtiofsd().ok_or(Error::MissingHelper {
+                program: "virtiofsd",
+                hint: "--dir needs it: install it with \"cargo install --locked --root /usr/local virtiofsd\" \
+                       (Debian 13: apt-get install virtiofsd)",
+            })?;
+            for (index, share) in spec.shares.iter().enumerate() {
+                let (helper, socket) = Helper::start_virtiofsd(&virtiofsd, share, runtime_dir.path(), index)?;
+                helpers.push(helper);
+                runtime.share_sockets.insert(index, socket);
+            }
+        }
+        let vsock = match &spec.vsock {
+            Some(VsockDevice::Kernel { cid }) => Some(VsockConnector::Kernel { cid: *cid }),
+            Some(VsockDevice::VhostUser { binary }) => {
+                let (helper, vhost_socket, uds) = Helper::start_vsock(binary, runtime_dir.path())?;
+                helpers.push(helper);
+                runtime.vsock_socket = Some(vhost_socket);
+                Some(VsockConnector::HybridUnix { socket: uds })
+            }
+            None => None,
         };
         let mut qemu_ends = Vec::new();
         for (index, nic) in spec.network.iter().enumerate() {
@@ -99,7 +127,6 @@ impl RunningVm {
         }
         let args = qemu_args(&spec, &runtime)?;
 
-        let mut helpers = Vec::new();
         for (index, nic) in spec.network.iter().enumerate() {
             if let NetworkAttachment::Passt { binary } = &nic.attachment {
                 let end = helper_ends.remove(&index).expect("socket pair made above");
@@ -141,6 +168,7 @@ impl RunningVm {
             quit_requested: AtomicBool::new(false),
             vnc_url,
             serial_pty,
+            vsock,
             args,
             runtime_dir,
         })
@@ -159,6 +187,11 @@ impl RunningVm {
     /// The guest console's pseudo-terminal, for [`SerialPort::Pty`].
     pub fn serial_pty(&self) -> Option<&Path> {
         self.serial_pty.as_deref()
+    }
+
+    /// Opens connections to the guest's vsock ports; `None` when the VM has no vsock device.
+    pub fn vsock_connector(&self) -> Option<VsockConnector> {
+        self.vsock.clone()
     }
 
     /// The private directory of this run (QMP socket, helper logs); removed when the
@@ -415,6 +448,12 @@ fn qemu_error_lines(output: &str) -> String {
     }
 }
 
+/// `virtiofsd` from PATH, or where Debian's package puts it (outside PATH).
+fn find_virtiofsd() -> Option<PathBuf> {
+    crate::host::find_in_path("virtiofsd", std::env::var_os("PATH").as_deref())
+        .or_else(|| Some(PathBuf::from("/usr/libexec/virtiofsd")).filter(|path| path.is_file()))
+}
+
 fn runtime_base() -> PathBuf {
     std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
@@ -445,9 +484,34 @@ struct Helper {
 }
 
 impl Helper {
-    fn start_passt(binary: &Path, socket: OwnedFd, log_dir: &Path, index: usize) -> Result<Helper> {
-        let log = log_dir.join(format!("passt{index}.log"));
+    /// Starts `command` tied to our life, keeping the descriptors in `inherit`, with its output
+    /// in `<log_dir>/<name><index>.log` (shown if it fails).
+    fn spawn(
+        name: &'static str,
+        mut command: Command,
+        inherit: Vec<RawFd>,
+        log_dir: &Path,
+        index: usize,
+    ) -> Result<Helper> {
+        let log = log_dir.join(format!("{name}{index}.log"));
         let log_file = File::create(&log).map_err(io_context(format!("failed to create {}", log.display())))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(
+                log_file
+                    .try_clone()
+                    .map_err(io_context("failed to duplicate a descriptor"))?,
+            ))
+            .stderr(Stdio::from(log_file));
+        sys::supervise_child(&mut command, inherit);
+        let child = command.spawn().map_err(io_context(format!(
+            "failed to start {}",
+            command.get_program().to_string_lossy()
+        )))?;
+        Ok(Helper { name, child, log })
+    }
+
+    fn start_passt(binary: &Path, socket: OwnedFd, log_dir: &Path, index: usize) -> Result<Helper> {
         let fd = socket.as_raw_fd();
         let mut command = Command::new(binary);
         // --fd: the connected socket to QEMU, no socket file; passt exits when QEMU closes it.
@@ -462,24 +526,97 @@ impl Helper {
                 "none",
                 "--fd",
             ])
-            .arg(fd.to_string())
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(
-                log_file
-                    .try_clone()
-                    .map_err(io_context("failed to duplicate a descriptor"))?,
-            ))
-            .stderr(Stdio::from(log_file));
-        sys::supervise_child(&mut command, vec![fd]);
-        let child = command
-            .spawn()
-            .map_err(io_context(format!("failed to start {}", binary.display())))?;
+            .arg(fd.to_string());
+        let helper = Helper::spawn("passt", command, vec![fd], log_dir, index)?;
         drop(socket);
-        Ok(Helper {
-            name: "passt",
-            child,
-            log,
-        })
+        Ok(helper)
+    }
+
+    /// `virtiofsd` for one share; returns it and the vhost-user socket QEMU connects to.
+    fn start_virtiofsd(binary: &Path, share: &SharedDirectory, dir: &Path, index: usize) -> Result<(Helper, PathBuf)> {
+        // We listen and hand virtiofsd the socket (--fd), so QEMU can connect right away.
+        let socket_path = dir.join(format!("fs{index}.sock"));
+        let listener = UnixListener::bind(&socket_path)
+            .map_err(io_context(format!("failed to create {}", socket_path.display())))?;
+        let fd = listener.as_raw_fd();
+        let mut command = Command::new(binary);
+        command.arg("--fd").arg(fd.to_string());
+        // The guest sees host changes at once; mounts inside a share are visible as such.
+        command.args(["--cache", "auto", "--announce-submounts", "--log-level", "error"]);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        if !root {
+            // The default sandbox needs root; without it virtiofsd can only run unconfined.
+            command.args(["--sandbox", "none"]);
+        }
+        match &share.content {
+            ShareContent::Directory { path, read_only } => {
+                command.arg("--shared-dir").arg(path);
+                if *read_only {
+                    command.arg("--readonly");
+                }
+            }
+            ShareContent::Named(shares) => {
+                if !root {
+                    return Err(Error::InvalidSpec(format!(
+                        "named --dir shares (tag {}) need root: they are bind mounts in virtiofsd's own \
+                         mount namespace; share one unnamed directory per tag instead",
+                        share.tag
+                    )));
+                }
+                let top = dir.join(format!("fs{index}"));
+                let mut mounts = Vec::new();
+                for named in shares {
+                    let target = top.join(&named.name);
+                    fs::create_dir_all(&target)
+                        .map_err(io_context(format!("failed to create {}", target.display())))?;
+                    mounts.push(sys::BindMount::new(&named.path, &target, named.read_only)?);
+                }
+                command.arg("--shared-dir").arg(&top);
+                sys::bind_mounts_in_new_namespace(&mut command, mounts);
+            }
+        }
+        let helper = Helper::spawn("virtiofsd", command, vec![fd], dir, index)?;
+        drop(listener);
+        Ok((helper, socket_path))
+    }
+
+    /// `vhost-device-vsock`; returns it, the vhost-user socket for QEMU and the hybrid-vsock
+    /// socket for us.
+    fn start_vsock(binary: &Path, dir: &Path) -> Result<(Helper, PathBuf, PathBuf)> {
+        const STARTUP: Duration = Duration::from_secs(10);
+        let vhost_socket = dir.join("vhost-vsock.sock");
+        let uds = dir.join("vsock.sock");
+        let mut command = Command::new(binary);
+        // The guest CID only matters inside this daemon: 3, the first one not reserved.
+        command
+            .args(["--guest-cid", "3", "--socket"])
+            .arg(&vhost_socket)
+            .arg("--uds-path")
+            .arg(&uds);
+        let mut helper = Helper::spawn("vhost-device-vsock", command, Vec::new(), dir, 0)?;
+        let deadline = Instant::now() + STARTUP;
+        while !vhost_socket.exists() {
+            if let Ok(Some(status)) = helper.child.try_wait() {
+                return Err(Error::HelperStartFailed {
+                    helper: helper.name,
+                    status,
+                    stderr: fs::read_to_string(&helper.log).unwrap_or_default(),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Io {
+                    context: format!(
+                        "vhost-device-vsock did not create {} within {} s",
+                        vhost_socket.display(),
+                        STARTUP.as_secs()
+                    ),
+                    source: io::ErrorKind::TimedOut.into(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok((helper, vhost_socket, uds))
     }
 }
 

@@ -48,6 +48,8 @@ impl TestVm {
             serial,
             // restrict=on: DHCP/DNS from QEMU only, the guest reaches nothing.
             network: vec![NetworkAttachment::Slirp { restrict: true }],
+            // Only migratable devices (no vhost-user vsock), so any of these VMs can be suspended.
+            suspendable: true,
             ..RunOptions::defaults(&host)
         }
     }

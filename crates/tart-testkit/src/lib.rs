@@ -5,7 +5,7 @@
 //! - [`FaultProxy`]: a reverse proxy in front of any registry that logs requests and breaks blob
 //!   downloads on demand (corruption, truncation, a lying `Content-Length`, stalls, cross-host redirects).
 //!
-//! - [`test_guest_image`]: the small UEFI guest that VM tests boot.
+//! - [`test_guest_image`], [`test_guest_image_with_agent`]: the small UEFI guest that VM tests boot.
 //!
 //! Everything binds ephemeral ports and private temporary directories, so tests can run in parallel.
 
@@ -20,22 +20,57 @@ pub use proxy::{FaultProxy, ProxiedRequest};
 pub use registry::Registry;
 pub use token::{TokenOptions, TokenRequest};
 
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+
 /// The test guest disk (`scripts/guest/build-test-guest`: a Debian kernel and busybox, printing
-/// `TART-TEST-GUEST: booted` and a tick a second on its serial console), built on first use.
-pub fn test_guest_image() -> &'static std::path::Path {
-    static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+/// `TART-TEST-GUEST: booted` and a tick a second on its serial console), built once per test
+/// process (the builder is incremental: well under a second when nothing changed).
+pub fn test_guest_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| build_guest("test.img", None))
+}
+
+/// The test guest with our guest agent (`tart-guest-agent`, built static by
+/// `scripts/guest/build-agent`) started at boot, listening on vsock port 8080.
+pub fn test_guest_image_with_agent() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let image = repo.join("build/guest/test.img");
-        if !image.is_file() {
-            let status = std::process::Command::new(repo.join("scripts/guest/build-test-guest"))
-                .arg(&image)
-                .status()
-                .expect("run scripts/guest/build-test-guest");
-            assert!(status.success(), "build-test-guest failed");
-        }
-        image
+        let out = Command::new(repo_root().join("scripts/guest/build-agent"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/guest/build-agent");
+        assert!(out.status.success(), "build-agent failed");
+        let stdout = String::from_utf8(out.stdout).expect("build-agent prints a path");
+        let agent = PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("build-agent prints the binary's path")
+                .trim(),
+        );
+        build_guest("test-agent.img", Some(&agent))
     })
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn build_guest(file_name: &str, agent: Option<&Path>) -> PathBuf {
+    let repo = repo_root();
+    let image = repo.join("build/guest").join(file_name);
+    let mut command = Command::new(repo.join("scripts/guest/build-test-guest"));
+    if let Some(agent) = agent {
+        command.arg("--agent").arg(agent);
+    }
+    let status = command
+        .arg(&image)
+        .status()
+        .expect("run scripts/guest/build-test-guest");
+    assert!(status.success(), "build-test-guest failed");
+    image
 }
 
 /// The OCI digest (`sha256:<hex>`) of `data`.

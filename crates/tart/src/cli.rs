@@ -33,10 +33,10 @@ pub enum Command {
     Login(LoginArgs),
     /// Log out from a registry
     Logout(LogoutArgs),
-    /// Get a running VM's IP address (not implemented yet)
-    Ip(NotYet),
-    /// Execute a command in a running VM (not implemented yet)
-    Exec(NotYet),
+    /// Get a running VM's IP address
+    Ip(IpArgs),
+    /// Execute a command in a running VM (needs the guest agent, tart-guest-agent)
+    Exec(ExecArgs),
     /// Pull a VM from a registry
     Pull(PullArgs),
     /// Push a VM to a registry
@@ -84,6 +84,38 @@ pub struct NotYet {
 }
 
 #[derive(Args, Debug)]
+pub struct IpArgs {
+    /// VM name
+    pub name: String,
+    /// Seconds to keep trying to resolve an address
+    #[arg(long, default_value_t = 0, value_name = "seconds")]
+    pub wait: u16,
+    /// How to find the address: the DHCP server's leases, the host's ARP table, or the guest agent
+    #[arg(long, default_value = "dhcp", value_parser = ["dhcp", "arp", "agent"])]
+    pub resolver: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Attach the command's standard input to ours
+    #[arg(short = 'i')]
+    pub interactive: bool,
+    /// Run the command on a pseudo-terminal (ours goes into raw mode when it is a terminal)
+    #[arg(short = 't')]
+    pub tty: bool,
+    /// VM name
+    pub name: String,
+    /// Command to run and its arguments
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "command"
+    )]
+    pub command: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 pub struct RunArgs {
     /// VM name
     pub name: String,
@@ -111,7 +143,8 @@ pub struct RunArgs {
     /// No audio device (the VM has none anyway)
     #[arg(long)]
     pub no_audio: bool,
-    /// Accepted for Tart compatibility: every VM can be suspended
+    /// Only devices whose state can be saved, so that tart suspend works (no --dir; the guest
+    /// agent only with the kernel's vhost-vsock)
     #[arg(long)]
     pub suspendable: bool,
     /// No keyboard
@@ -120,13 +153,15 @@ pub struct RunArgs {
     /// No pointing device
     #[arg(long)]
     pub no_pointer: bool,
-    /// Additional disks (not implemented yet)
+    /// Additional disk: an image file, ISO, block device, nbd:// URL or cached remote VM name,
+    /// with options ro, sync=, caching= after a colon
     #[arg(long, value_name = "path[:options]")]
     pub disk: Vec<String>,
-    /// Directory shares (not implemented yet)
+    /// Share a host directory over virtio-fs; options ro, tag=<TAG> after a colon (Linux guests:
+    /// mount -t virtiofs com.apple.virtio-fs.automount /mnt)
     #[arg(long, value_name = "[name:]path[:options]")]
     pub dir: Vec<String>,
-    /// Nested virtualization (not implemented yet)
+    /// Let the guest run VMs itself (needs KVM with nested support, or an arm64 VM)
     #[arg(long)]
     pub nested: bool,
     /// Bridged networking (not implemented yet)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod control;
 mod output;
 mod progress;
 

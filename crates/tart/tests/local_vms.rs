@@ -504,10 +504,25 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
     home.tart().args(["frobnicate"]).assert().code(64);
     home.tart().args(["clone", "vm", "a/b"]).assert().code(64);
     home.tart()
-        .args(["ip", "vm"])
+        .args(["ip", "--resolver", "agent", "vm"])
         .assert()
         .code(1)
-        .stderr("not implemented yet: ip\n");
+        .stderr(
+            "no IP address found, is your VM running? (also make sure that Guest agent for Tart is running inside of a VM)\n",
+        );
+    home.tart()
+        .args(["ip", "--resolver", "arp", "vm"])
+        .assert()
+        .code(1)
+        .stderr(
+        "no IP address found, is your VM running? (not all Linux distributions are compatible with the ARP resolver)\n",
+    );
+    home.tart()
+        .args(["exec", "vm", "true"])
+        .assert()
+        .code(2)
+        .stderr("VM \"vm\" is not running\n");
+    home.tart().args(["exec", "vm"]).assert().code(64);
     assert_eq!(home.vm_names(), ["vm"]);
 }
 

@@ -1,3 +1,4 @@
+mod agent;
 mod info;
 mod lifecycle;
 mod meta;
@@ -42,8 +43,8 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Run(args) => return run::run(&ctx, &args),
         Command::Login(args) => registry::login(&ctx, &args),
         Command::Logout(args) => registry::logout(&ctx, &args),
-        Command::Ip(_) => not_implemented("ip"),
-        Command::Exec(_) => not_implemented("exec"),
+        Command::Ip(args) => agent::ip(&ctx, &args),
+        Command::Exec(args) => return agent::exec(&ctx, &args),
         Command::Pull(args) => registry::pull(&ctx, &args),
         Command::Push(args) => registry::push(&ctx, &args),
         Command::Import(_) => not_implemented("import"),

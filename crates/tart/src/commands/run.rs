@@ -8,11 +8,17 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
-use tart_home::{AccessDate, Error, MacAddress, PidLock, VmState};
-use tart_qemu::{ExitReason, HostInfo, RootDiskOptions, RunOptions, RunningVm, SerialPort, VmSpec};
+use std::path::PathBuf;
+
+use tart_home::{clone_file, AccessDate, Error, MacAddress, PidLock, StagingDir, VmState};
+use tart_oci::RemoteName;
+use tart_qemu::{
+    parse_directory_shares, DiskOptions, ExitReason, ExtraDisk, HostInfo, RunOptions, RunningVm, SerialPort, VmSpec,
+};
 
 use super::Context;
 use crate::cli::{RunArgs, SuspendArgs};
+use crate::control::{ControlSocket, CONTROL_SOCKET};
 use crate::UsageError;
 
 fn validate(args: &RunArgs) -> Result<()> {
@@ -32,9 +38,6 @@ fn validate(args: &RunArgs) -> Result<()> {
         return usage("--net-bridged, --net-softnet and --net-host are mutually exclusive");
     }
     let unsupported = [
-        (!args.disk.is_empty(), "--disk"),
-        (!args.dir.is_empty(), "--dir"),
-        (args.nested, "--nested"),
         (!args.net_bridged.is_empty(), "--net-bridged"),
         (args.net_softnet, "--net-softnet"),
         (args.net_host, "--net-host"),
@@ -47,12 +50,16 @@ fn validate(args: &RunArgs) -> Result<()> {
 
 pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
     validate(args)?;
+    // From the start: a `tart stop`/`tart suspend` that arrives while the VM is still starting
+    // is handled once it runs, instead of being lost (a background job ignores SIGINT by
+    // default) or killing us (SIGUSR1's default action).
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2]).context("failed to install signal handlers")?;
     let vm = ctx.home.existing_local_vm(&args.name)?;
     vm.set_access_date(AccessDate::Now)?;
     let host = HostInfo::detect();
     let mut options = RunOptions::defaults(&host);
     options.vnc = !args.no_graphics;
-    options.root_disk = RootDiskOptions::parse(&args.root_disk_opts)?;
+    options.root_disk = DiskOptions::parse(&args.root_disk_opts)?;
     options.keyboard = !args.no_keyboard;
     options.pointer = !args.no_pointer;
     options.serial = match (&args.serial_path, args.serial) {
@@ -60,10 +67,14 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
         (None, true) => SerialPort::Pty,
         (None, false) => SerialPort::None,
     };
+    options.nested = args.nested;
+    options.shares = parse_directory_shares(&args.dir)?;
     let restoring = vm.state_path().exists();
     if restoring {
         options.restore_from = Some(vm.state_path());
     }
+    // As in Tart, a VM with a saved state runs suspendable, so it can be suspended again.
+    options.suspendable = args.suspendable || restoring;
 
     let global = ctx.home.global_lock()?;
     if vm.running_pid().is_some() {
@@ -83,6 +94,16 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
         options.restore_from = None;
         vm.save_config(&config)?;
     }
+    // Claims and private copies of remote disks live as long as the VM.
+    let mut remote_disk_copies = Vec::new();
+    let mut disk_claims = Vec::new();
+    for argument in &args.disk {
+        let mut resolve = |location: &str| copy_cached_disk(ctx, location, &mut remote_disk_copies);
+        let (disk, claim) = ExtraDisk::open(argument, config.arch, &mut resolve)?;
+        options.extra_disks.push(disk);
+        disk_claims.extend(claim);
+    }
+    let suspendable = options.suspendable;
     let prepared = VmSpec::prepare(&vm, &config, options, &host)?;
     for warning in &prepared.warnings {
         eprintln!("{warning}");
@@ -109,14 +130,25 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
     if let Some(url) = running.vnc_url() {
         println!("VNC server is running at {url}");
     }
+    let _control_socket = match running.vsock_connector() {
+        Some(guest) => {
+            match ControlSocket::serve(&vm.path().join(CONTROL_SOCKET), guest) {
+                Ok(socket) => Some(socket),
+                Err(err) => {
+                    eprintln!("failed to create the control socket, tart exec and tart ip --resolver agent will not work: {err}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
 
     // QEMU exits in the middle of a suspend (after saving, before the state file is in
     // place), so the main thread must wait for the suspend itself, not just for QEMU.
     let suspending = Arc::new(AtomicBool::new(false));
     let (suspended_tx, suspended_rx) = std::sync::mpsc::channel::<bool>();
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGUSR1, SIGUSR2]).context("failed to install signal handlers")?;
     let handle = signals.handle();
-    {
+    let signal_thread = {
         let running = running.clone();
         let suspending = suspending.clone();
         let state_path = vm.state_path();
@@ -130,9 +162,22 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
                                 println!("snapshot created successfully! shutting down the VM...");
                                 true
                             }
+                            // Tart powers the VM off here; we keep it running when QEMU
+                            // still has it, so a refused suspend loses nothing.
+                            Err(err) if running.status().is_ok() => {
+                                eprintln!(
+                                    "Failed to suspend the VM: {err}; the VM keeps running{}",
+                                    if suspendable {
+                                        ""
+                                    } else {
+                                        " (start it with --suspendable to be able to suspend it)"
+                                    }
+                                );
+                                suspending.store(false, Ordering::SeqCst);
+                                continue;
+                            }
                             Err(err) => {
                                 eprintln!("Failed to suspend the VM: {err}");
-                                let _ = running.poweroff();
                                 false
                             }
                         };
@@ -151,11 +196,15 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
                     }
                 }
             }
-        });
-    }
+        })
+    };
 
     let outcome = running.wait();
     handle.close();
+    let _ = signal_thread.join();
+    // The last reference: QEMU's helpers are reaped and the runtime directory is removed now,
+    // not skipped by the process exit.
+    drop(running);
     Ok(match outcome {
         ExitReason::GuestShutdown => {
             println!("guest has stopped the virtual machine");
@@ -174,6 +223,27 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
             ExitCode::FAILURE
         }
     })
+}
+
+/// `--disk <remote name>`: a private copy-on-write copy of the cached image's disk in `tmp/`,
+/// locked (unlike Tart's, whose lock is dropped at once) so that no other `tart` command collects
+/// it while the VM runs, and deleted afterwards.
+fn copy_cached_disk(
+    ctx: &Context,
+    location: &str,
+    copies: &mut Vec<StagingDir>,
+) -> std::result::Result<Option<PathBuf>, String> {
+    let Ok(name) = location.parse::<RemoteName>() else {
+        return Ok(None);
+    };
+    let image = ctx.cache.open(&name).ok_or_else(|| {
+        format!("no such file, and {name} is not in the OCI cache: pull it first with \"tart pull {name}\"")
+    })?;
+    let staging = ctx.home.staging_dir().map_err(|e| e.to_string())?;
+    let copy = staging.path().join("disk.img");
+    clone_file(&image.disk_path(), &copy).map_err(|e| format!("failed to copy the disk of {name}: {e}"))?;
+    copies.push(staging);
+    Ok(Some(copy))
 }
 
 pub fn suspend(ctx: &Context, args: &SuspendArgs) -> Result<()> {
