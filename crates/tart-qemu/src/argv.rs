@@ -157,17 +157,27 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
     for (index, nic) in spec.network.iter().enumerate() {
         let id = format!("net{index}");
         let netdev = match &nic.attachment {
-            NetworkAttachment::Slirp { restrict } => {
-                format!("user,id={id}{}", if *restrict { ",restrict=on" } else { "" })
+            NetworkAttachment::Slirp { restrict, forwards } => {
+                let mut netdev = format!("user,id={id}{}", if *restrict { ",restrict=on" } else { "" });
+                for forward in forwards {
+                    netdev.push_str(&format!(",hostfwd=tcp::{}-:{}", forward.host, forward.guest));
+                }
+                netdev
             }
             // One end of a socket pair; passt has the other (no socket file: passt drops root
             // for `nobody`, who could not reach one in our private directory).
-            NetworkAttachment::Passt { .. } => {
+            NetworkAttachment::Passt { .. } | NetworkAttachment::Tap { .. } => {
                 let fd = runtime
                     .netdev_fds
                     .get(&index)
-                    .ok_or_else(|| Error::InvalidSpec(format!("NIC {index} uses passt but has no socket to it")))?;
-                format!("stream,id={id},server=off,addr.type=fd,addr.str={fd}")
+                    .ok_or_else(|| Error::InvalidSpec(format!("NIC {index} has no descriptor to its backend")))?;
+                match nic.attachment {
+                    NetworkAttachment::Tap { .. } => format!("tap,id={id},fd={fd}"),
+                    _ => format!("stream,id={id},server=off,addr.type=fd,addr.str={fd}"),
+                }
+            }
+            NetworkAttachment::BridgeHelper { bridge, helper } => {
+                format!("bridge,id={id},br={},helper={}", escape(bridge), path_opt(helper)?)
             }
         };
         push(&["-netdev", &netdev]);
@@ -273,7 +283,7 @@ fn path_opt(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spec::{DisplaySize, NetworkDevice};
+    use crate::spec::{DisplaySize, NetworkDevice, PortForward, TapDevice};
     use crate::DiskOptions;
 
     fn typical() -> VmSpec {
@@ -294,7 +304,10 @@ mod tests {
             nested: false,
             network: vec![NetworkDevice {
                 mac: "6e:35:1a:09:4c:b2".parse().unwrap(),
-                attachment: NetworkAttachment::Slirp { restrict: false },
+                attachment: NetworkAttachment::Slirp {
+                    restrict: false,
+                    forwards: Vec::new(),
+                },
             }],
             display: Some(DisplaySize {
                 width: 1024,
@@ -487,28 +500,44 @@ mod tests {
     #[test]
     fn network_attachments() {
         let mut spec = typical();
-        spec.network = vec![
-            NetworkDevice {
-                mac: "02:00:00:00:00:01".parse().unwrap(),
-                attachment: NetworkAttachment::Slirp { restrict: true },
+        let forwards = vec![PortForward { host: 2222, guest: 22 }];
+        let tap = TapDevice(std::sync::Arc::new(std::fs::File::open("/dev/null").unwrap().into()));
+        let attachments = [
+            NetworkAttachment::Slirp {
+                restrict: true,
+                forwards: forwards.clone(),
             },
-            NetworkDevice {
-                mac: "02:00:00:00:00:02".parse().unwrap(),
-                attachment: NetworkAttachment::Passt {
-                    binary: "/usr/bin/passt".into(),
-                },
+            NetworkAttachment::Passt {
+                binary: "/usr/bin/passt".into(),
+                forwards,
+            },
+            NetworkAttachment::Tap { device: tap },
+            NetworkAttachment::BridgeHelper {
+                bridge: "br0".into(),
+                helper: "/usr/lib/qemu/qemu-bridge-helper".into(),
             },
         ];
+        spec.network = attachments
+            .into_iter()
+            .enumerate()
+            .map(|(index, attachment)| NetworkDevice {
+                mac: format!("02:00:00:00:00:0{index}").parse().unwrap(),
+                attachment,
+            })
+            .collect();
         let err = qemu_args(&spec, &runtime()).unwrap_err().to_string();
-        assert!(err.contains("NIC 1 uses passt but has no socket"), "{err}");
+        assert!(err.contains("NIC 1 has no descriptor to its backend"), "{err}");
         let mut runtime = runtime();
         runtime.netdev_fds.insert(1, 7);
+        runtime.netdev_fds.insert(2, 8);
         let a = qemu_args(&spec, &runtime).unwrap();
         assert_eq!(
             values(&a, "-netdev"),
             [
-                "user,id=net0,restrict=on",
-                "stream,id=net1,server=off,addr.type=fd,addr.str=7"
+                "user,id=net0,restrict=on,hostfwd=tcp::2222-:22",
+                "stream,id=net1,server=off,addr.type=fd,addr.str=7",
+                "tap,id=net2,fd=8",
+                "bridge,id=net3,br=br0,helper=/usr/lib/qemu/qemu-bridge-helper",
             ]
         );
         let nics: Vec<_> = values(&a, "-device")
@@ -517,10 +546,9 @@ mod tests {
             .collect();
         assert_eq!(
             nics,
-            [
-                "virtio-net-pci,netdev=net0,mac=02:00:00:00:00:01,romfile=",
-                "virtio-net-pci,netdev=net1,mac=02:00:00:00:00:02,romfile="
-            ]
+            (0..4)
+                .map(|i| format!("virtio-net-pci,netdev=net{i},mac=02:00:00:00:00:0{i},romfile="))
+                .collect::<Vec<_>>()
         );
     }
 }

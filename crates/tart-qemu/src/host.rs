@@ -200,7 +200,8 @@ pub fn kvm_device_status() -> Result<(), String> {
     }
 }
 
-pub(crate) fn find_in_path(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
+/// The first executable `name` in the directories of `path` (a `PATH` value).
+pub fn find_in_path(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     std::env::split_paths(path?)
         .filter(|dir| !dir.as_os_str().is_empty())

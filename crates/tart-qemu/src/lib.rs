@@ -19,7 +19,7 @@
 //! let vm = home.existing_local_vm("ubuntu").unwrap();
 //! let config = vm.config().unwrap();
 //! let host = HostInfo::detect();
-//! let prepared = VmSpec::prepare(&vm, &config, RunOptions::defaults(&host), &host)?;
+//! let prepared = VmSpec::prepare(&vm, &config, RunOptions::defaults(), &host)?;
 //! prepared.warnings.iter().for_each(|w| eprintln!("{w}"));
 //! let running = RunningVm::start(prepared.spec)?;
 //! if let Some(url) = running.vnc_url() {
@@ -50,11 +50,14 @@ pub use disk::{
 };
 pub use error::{Error, Result};
 pub use firmware::{Firmware, NvramChoice, NvramFormat, QEMU_NVRAM_FILE};
-pub use host::{cpuinfo_has_hardware_virtualization, qemu_binary_name, Accel, AccelChoice, HostInfo, ACCEL_ENV};
+pub use host::{
+    cpuinfo_has_hardware_virtualization, find_in_path, qemu_binary_name, Accel, AccelChoice, HostInfo, ACCEL_ENV,
+};
 pub use qmp::{QemuVersion, QmpClient, QmpError, QmpEvent, ShutdownEvent};
 pub use share::{parse_directory_shares, NamedDirectory, ShareContent, SharedDirectory, DEFAULT_SHARE_TAG};
 pub use spec::{
-    DisplaySize, NetworkAttachment, NetworkDevice, PreparedVm, RunOptions, SerialDevice, SerialPort, VmSpec,
+    DisplaySize, NetworkAttachment, NetworkDevice, PortForward, PreparedVm, RunOptions, SerialDevice, SerialPort,
+    TapDevice, VmSpec,
 };
 pub use vm::{ExitReason, RunningVm};
 pub use vsock::{GuestStream, VsockConnector, VsockDevice};

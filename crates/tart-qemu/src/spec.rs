@@ -82,26 +82,73 @@ pub struct NetworkDevice {
 }
 
 /// The host side of a NIC. Each variant knows its QEMU `-netdev` and, if it needs one, the helper
-/// process to run next to QEMU (see `argv.rs` and `vm.rs`); bridged, tap and Softnet-style
-/// attachments are further variants here.
+/// process to run next to QEMU (see `argv.rs` and `vm.rs`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetworkAttachment {
     /// QEMU's built-in user-mode NAT (libslirp): guest 10.0.2.15, DHCP and DNS from QEMU.
     /// `restrict` cuts the guest off from everything but that DHCP/DNS (tests).
-    Slirp { restrict: bool },
+    Slirp { restrict: bool, forwards: Vec<PortForward> },
     /// User-mode NAT by `passt` (faster than slirp, IPv6): the guest gets the host's address
     /// over DHCP. `tart-qemu` runs one `passt` per NIC, connected to QEMU by a socket pair.
-    Passt { binary: PathBuf },
+    Passt {
+        binary: PathBuf,
+        forwards: Vec<PortForward>,
+    },
+    /// A tap (or macvtap) interface the caller made and keeps up for the VM's life, e.g. a port
+    /// of the shared network's bridge; QEMU inherits the descriptor.
+    Tap { device: TapDevice },
+    /// A port of an existing bridge made by QEMU's setuid `qemu-bridge-helper`, for users
+    /// without CAP_NET_ADMIN (the bridge must be allowed in `/etc/qemu/bridge.conf`).
+    BridgeHelper { bridge: String, helper: PathBuf },
+}
+
+/// An open tap device, shared between its owner and the spec (whose clones all name the same
+/// descriptor).
+#[derive(Clone, Debug)]
+pub struct TapDevice(pub std::sync::Arc<std::os::fd::OwnedFd>);
+
+impl PartialEq for TapDevice {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TapDevice {}
+
+/// A host TCP port forwarded to a guest port (user-mode networking's `--net-user-expose`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
 }
 
 impl NetworkAttachment {
-    /// Tart's default NAT: `passt` when installed, else QEMU's slirp.
-    pub fn user_nat(host: &HostInfo) -> Self {
-        match host.find_program("passt") {
-            Some(binary) => NetworkAttachment::Passt { binary },
-            None => NetworkAttachment::Slirp { restrict: false },
+    /// User-mode NAT: QEMU's slirp when QEMU has it, else `passt` (QEMU 7.2 made slirp
+    /// optional, and some builds leave it out). Slirp comes first: Debian 12's passt (2023-03)
+    /// sometimes never tells the guest that the other end closed a TCP connection.
+    pub fn user_nat(host: &HostInfo, qemu: &Path, forwards: Vec<PortForward>) -> Self {
+        let passt = (!qemu_has_slirp(qemu)).then(|| host.find_program("passt")).flatten();
+        match passt {
+            Some(binary) => NetworkAttachment::Passt { binary, forwards },
+            None => NetworkAttachment::Slirp {
+                restrict: false,
+                forwards,
+            },
         }
     }
+}
+
+/// Whether `qemu` lists the `user` (slirp) network backend.
+fn qemu_has_slirp(qemu: &Path) -> bool {
+    std::process::Command::new(qemu)
+        .args(["-netdev", "help"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .any(|line| line.trim() == "user")
+        })
 }
 
 /// Host side of the guest console.
@@ -180,8 +227,9 @@ pub struct RunOptions {
 }
 
 impl RunOptions {
-    /// `tart run <vm>` without flags: VNC display, no serial, NAT, keyboard and pointer.
-    pub fn defaults(host: &HostInfo) -> Self {
+    /// `tart run <vm>` without flags: VNC display, no serial, user-mode NAT (QEMU's slirp),
+    /// keyboard and pointer.
+    pub fn defaults() -> Self {
         RunOptions {
             vnc: true,
             serial: SerialPort::None,
@@ -191,7 +239,10 @@ impl RunOptions {
             shares: Vec::new(),
             suspendable: false,
             nested: false,
-            network: vec![NetworkAttachment::user_nat(host)],
+            network: vec![NetworkAttachment::Slirp {
+                restrict: false,
+                forwards: Vec::new(),
+            }],
             keyboard: true,
             pointer: true,
             restore_from: None,
@@ -239,7 +290,7 @@ impl VmSpec {
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|| "tart-vm".into());
-        let spec = VmSpec {
+        let mut spec = VmSpec {
             name,
             qemu_binary,
             arch: config.arch,
@@ -254,14 +305,7 @@ impl VmSpec {
             shares: options.shares,
             vsock: VsockDevice::choose(host, options.suspendable),
             nested: options.nested,
-            network: options
-                .network
-                .into_iter()
-                .map(|attachment| NetworkDevice {
-                    mac: config.mac_address,
-                    attachment,
-                })
-                .collect(),
+            network: Vec::new(),
             display: Some(DisplaySize {
                 width: config.display.width,
                 height: config.display.height,
@@ -275,6 +319,7 @@ impl VmSpec {
             restore_from: options.restore_from,
             extra_args: Vec::new(),
         };
+        spec.set_network(config.mac_address, options.network);
         let warnings = accel.warning.iter().cloned().collect();
         Ok(PreparedVm {
             spec,
@@ -282,6 +327,16 @@ impl VmSpec {
             nvram,
             warnings,
         })
+    }
+}
+
+impl VmSpec {
+    /// One NIC with `mac` per attachment (Tart gives every NIC the VM's address).
+    pub fn set_network(&mut self, mac: MacAddress, attachments: Vec<NetworkAttachment>) {
+        self.network = attachments
+            .into_iter()
+            .map(|attachment| NetworkDevice { mac, attachment })
+            .collect();
     }
 }
 

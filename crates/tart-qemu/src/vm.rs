@@ -30,7 +30,7 @@ use crate::argv::{qemu_args, Runtime, SERIAL_CHARDEV};
 use crate::error::io_context;
 use crate::qmp::{QmpClient, QmpError, QmpEvent, ShutdownEvent};
 use crate::share::{ShareContent, SharedDirectory};
-use crate::spec::{NetworkAttachment, SerialPort, VmSpec};
+use crate::spec::{NetworkAttachment, PortForward, SerialPort, VmSpec};
 use crate::vsock::{VsockConnector, VsockDevice};
 use crate::{sys, Error, Result};
 
@@ -118,19 +118,30 @@ impl RunningVm {
         };
         let mut qemu_ends = Vec::new();
         for (index, nic) in spec.network.iter().enumerate() {
-            if let NetworkAttachment::Passt { .. } = nic.attachment {
-                let (ours, theirs) = UnixStream::pair().map_err(io_context("failed to create a socket pair"))?;
-                runtime.netdev_fds.insert(index, ours.as_raw_fd());
-                qemu_ends.push(OwnedFd::from(ours));
-                helper_ends.insert(index, OwnedFd::from(theirs));
+            match &nic.attachment {
+                NetworkAttachment::Passt { .. } => {
+                    let (ours, theirs) = UnixStream::pair().map_err(io_context("failed to create a socket pair"))?;
+                    runtime.netdev_fds.insert(index, ours.as_raw_fd());
+                    qemu_ends.push(OwnedFd::from(ours));
+                    helper_ends.insert(index, OwnedFd::from(theirs));
+                }
+                NetworkAttachment::Tap { device } => {
+                    let tap = device
+                        .0
+                        .try_clone()
+                        .map_err(io_context("failed to duplicate the tap descriptor"))?;
+                    runtime.netdev_fds.insert(index, tap.as_raw_fd());
+                    qemu_ends.push(tap);
+                }
+                NetworkAttachment::Slirp { .. } | NetworkAttachment::BridgeHelper { .. } => {}
             }
         }
         let args = qemu_args(&spec, &runtime)?;
 
         for (index, nic) in spec.network.iter().enumerate() {
-            if let NetworkAttachment::Passt { binary } = &nic.attachment {
+            if let NetworkAttachment::Passt { binary, forwards } = &nic.attachment {
                 let end = helper_ends.remove(&index).expect("socket pair made above");
-                helpers.push(Helper::start_passt(binary, end, runtime_dir.path(), index)?);
+                helpers.push(Helper::start_passt(binary, forwards, end, runtime_dir.path(), index)?);
             }
         }
 
@@ -511,17 +522,33 @@ impl Helper {
         Ok(Helper { name, child, log })
     }
 
-    fn start_passt(binary: &Path, socket: OwnedFd, log_dir: &Path, index: usize) -> Result<Helper> {
+    fn start_passt(
+        binary: &Path,
+        forwards: &[PortForward],
+        socket: OwnedFd,
+        log_dir: &Path,
+        index: usize,
+    ) -> Result<Helper> {
         let fd = socket.as_raw_fd();
         let mut command = Command::new(binary);
         // --fd: the connected socket to QEMU, no socket file; passt exits when QEMU closes it.
-        // No port forwarding in either direction: the guest only gets outbound NAT.
+        // Inbound, only the TCP ports asked for (passt's default would forward every port the
+        // host does not use).
+        let tcp_ports = if forwards.is_empty() {
+            "none".to_owned()
+        } else {
+            forwards
+                .iter()
+                .map(|f| format!("{}:{}", f.host, f.guest))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
         command
             .args([
                 "--foreground",
                 "--quiet",
                 "--tcp-ports",
-                "none",
+                &tcp_ports,
                 "--udp-ports",
                 "none",
                 "--fd",

@@ -42,15 +42,17 @@ impl TestVm {
     }
 
     fn options(&self, serial: SerialPort) -> RunOptions {
-        let host = HostInfo::detect();
         RunOptions {
             vnc: false,
             serial,
             // restrict=on: DHCP/DNS from QEMU only, the guest reaches nothing.
-            network: vec![NetworkAttachment::Slirp { restrict: true }],
+            network: vec![NetworkAttachment::Slirp {
+                restrict: true,
+                forwards: Vec::new(),
+            }],
             // Only migratable devices (no vhost-user vsock), so any of these VMs can be suspended.
             suspendable: true,
-            ..RunOptions::defaults(&host)
+            ..RunOptions::defaults()
         }
     }
 
@@ -137,9 +139,11 @@ fn poweroff_is_immediate_and_serial_pty_works() {
     let test = TestVm::new("poweroff");
     let host = HostInfo::detect();
     let mut options = test.options(SerialPort::Pty);
-    // passt when installed (the default NAT), so the guest gets an address from it.
-    let passt = host.find_program("passt").is_some();
-    options.network = vec![NetworkAttachment::user_nat(&host)];
+    // passt (installed by scripts/setup), which the guest gets an address from.
+    options.network = vec![NetworkAttachment::Passt {
+        binary: host.find_program("passt").expect("passt (scripts/setup installs it)"),
+        forwards: Vec::new(),
+    }];
     let vm = RunningVm::start(test.spec(options)).unwrap();
     let pty = vm.serial_pty().expect("a pty").to_owned();
     assert!(pty.starts_with("/dev/pts/"), "{}", pty.display());
@@ -154,11 +158,7 @@ fn poweroff_is_immediate_and_serial_pty_works() {
             }
         }
     });
-    let want = if passt {
-        "TART-TEST-GUEST: ip "
-    } else {
-        "TART-TEST-GUEST: booted"
-    };
+    let want = "TART-TEST-GUEST: ip ";
     let deadline = Instant::now() + BOOT_TIMEOUT;
     let line = loop {
         let line = lines
@@ -175,10 +175,9 @@ fn poweroff_is_immediate_and_serial_pty_works() {
     let exit = t1.elapsed();
     assert!(exit < Duration::from_secs(5), "poweroff took {exit:?}");
     eprintln!(
-        "poweroff: {:?} in {:.1} s ({}), QEMU gone {:.2} s after poweroff()",
+        "poweroff: {:?} in {:.1} s (passt), QEMU gone {:.2} s after poweroff()",
         line.trim(),
         booted.as_secs_f64(),
-        if passt { "passt" } else { "slirp" },
         exit.as_secs_f64()
     );
 }
@@ -384,8 +383,11 @@ fn arm64_vm_is_emulated_with_a_warning() {
     let options = RunOptions {
         vnc: true,
         serial: SerialPort::path(&serial),
-        network: vec![NetworkAttachment::Slirp { restrict: true }],
-        ..RunOptions::defaults(&host)
+        network: vec![NetworkAttachment::Slirp {
+            restrict: true,
+            forwards: Vec::new(),
+        }],
+        ..RunOptions::defaults()
     };
     let prepared = VmSpec::prepare(&vm, &config, options, &host).unwrap();
     assert!(prepared.spec.qemu_binary.ends_with("qemu-system-aarch64"));

@@ -7,15 +7,19 @@
 //!
 //! - [`test_guest_image`], [`test_guest_image_with_agent`]: the small UEFI guest that VM tests boot.
 //!
+//! - [`NetLab`]: network namespaces of a test's own, where `tart run` builds its networks.
+//!
 //! Everything binds ephemeral ports and private temporary directories, so tests can run in parallel.
 
 mod client;
 mod http;
+pub mod netlab;
 mod process;
 mod proxy;
 mod registry;
 mod token;
 
+pub use netlab::NetLab;
 pub use proxy::{FaultProxy, ProxiedRequest};
 pub use registry::Registry;
 pub use token::{TokenOptions, TokenRequest};

@@ -164,15 +164,35 @@ pub struct RunArgs {
     /// Let the guest run VMs itself (needs KVM with nested support, or an arm64 VM)
     #[arg(long)]
     pub nested: bool,
-    /// Bridged networking (not implemented yet)
+    /// Bridged networking: a tap on a host bridge, or a macvtap on another interface
+    /// (repeatable, one NIC each; "list" lists the candidates)
     #[arg(long, value_name = "interface")]
     pub net_bridged: Vec<String>,
-    /// Softnet isolation (not implemented yet)
+    /// Softnet isolation on the shared network: DHCP/DNS and the Internet, but not other VMs,
+    /// the host or private ranges
     #[arg(long)]
     pub net_softnet: bool,
-    /// Host-only networking (not implemented yet)
+    /// Private ranges a Softnet VM may reach (comma-separated CIDRs; implies --net-softnet)
+    #[arg(long, value_name = "CIDRs")]
+    pub net_softnet_allow: Option<String>,
+    /// Ranges a Softnet VM may not reach, even if allowed (comma-separated CIDRs; implies
+    /// --net-softnet)
+    #[arg(long, value_name = "CIDRs")]
+    pub net_softnet_block: Option<String>,
+    /// Host TCP ports that lead to the Softnet VM's ports (EXT:INT,...; implies --net-softnet)
+    #[arg(long, value_name = "EXT:INT,...")]
+    pub net_softnet_expose: Option<String>,
+    /// Host-only networking: the host and other VMs, no route out
     #[arg(long)]
     pub net_host: bool,
+    /// User-mode networking (QEMU's slirp, or passt): outbound NAT without privileges; the
+    /// default when tart cannot manage network interfaces (no CAP_NET_ADMIN)
+    #[arg(long)]
+    pub net_user: bool,
+    /// Host TCP ports that lead to guest ports with user-mode networking (EXT:INT,...;
+    /// implies --net-user)
+    #[arg(long, value_name = "EXT:INT,...")]
+    pub net_user_expose: Vec<String>,
 }
 
 #[derive(Args, Debug)]

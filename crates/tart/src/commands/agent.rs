@@ -11,6 +11,7 @@ use anyhow::{anyhow, bail, Result};
 use tart_agent::proto::TerminalSize;
 use tart_agent::{AgentClient, ExecCommand, Stdin};
 use tart_home::{Error, MacAddress, VmDir};
+use tart_net::{lease_for, on_shared_network, StateDir};
 use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 
@@ -190,11 +191,21 @@ pub fn ip(ctx: &Context, args: &IpArgs) -> Result<()> {
         let found = match args.resolver.as_str() {
             "agent" => runtime.block_on(resolve_with_agent(&vm.path().join(CONTROL_SOCKET))),
             "arp" => resolve_with_arp(&mac)?,
-            _ => bail!(
-                "no IP address found: this VM uses user-mode networking (passt), which has no DHCP server \
-                 on the host, and the guest's address is not reachable from the host; \
-                 \"tart ip --resolver agent\" reports the address the guest itself has"
-            ),
+            _ => {
+                let lease = lease_for(&StateDir::locate().lease_file(), &mac.to_string());
+                // tart run attaches the NIC before it takes the VM's lock: a running VM without
+                // a shared-network attachment has none, and never will.
+                if lease.is_none() && vm.running_pid().is_some() && !on_shared_network(mac) {
+                    bail!(
+                        "no IP address found: VM \"{}\" is not on the shared network, so no DHCP server of tart's has \
+                         its lease. With user-mode networking (--net-user, the default without CAP_NET_ADMIN) its \
+                         address is not reachable from the host, and \"tart ip --resolver agent\" reports the address \
+                         the guest itself has; with --net-bridged, use \"tart ip --resolver arp\"",
+                        args.name
+                    );
+                }
+                lease.map(|lease| lease.ip.to_string())
+            }
         };
         if let Some(ip) = found {
             println!("{ip}");

@@ -25,6 +25,10 @@ pub fn run(command: Command) -> Result<ExitCode> {
             eprintln!("Failed to perform garbage collection: {err}");
         }
     }
+    // Taps, rules, reservations and leases of VMs whose `tart run` was killed.
+    if let Err(err) = tart_net::collect_stale_attachments() {
+        eprintln!("Failed to clean up the network of a VM that is gone: {err}");
+    }
     let ctx = Context {
         cache: OciCache::new(home.oci_cache_dir()),
         home,

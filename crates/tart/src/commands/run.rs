@@ -8,12 +8,19 @@ use std::sync::Arc;
 use anyhow::{bail, Context as _, Result};
 use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use std::net::Ipv4Addr;
 
 use tart_home::{clone_file, AccessDate, Error, MacAddress, PidLock, StagingDir, VmState};
+use tart_net::{
+    bridgeable_interfaces, has_net_admin, parse_cidrs, parse_port_forwards, Attachment, InterfaceKind, Isolation,
+    PortForwarder, SharedNetwork, SoftnetPolicy,
+};
 use tart_oci::RemoteName;
 use tart_qemu::{
-    parse_directory_shares, DiskOptions, ExitReason, ExtraDisk, HostInfo, RunOptions, RunningVm, SerialPort, VmSpec,
+    parse_directory_shares, DiskOptions, ExitReason, ExtraDisk, HostInfo, NetworkAttachment, PortForward, RunOptions,
+    RunningVm, SerialPort, VmSpec,
 };
 
 use super::Context;
@@ -21,35 +28,160 @@ use crate::cli::{RunArgs, SuspendArgs};
 use crate::control::{ControlSocket, CONTROL_SOCKET};
 use crate::UsageError;
 
-fn validate(args: &RunArgs) -> Result<()> {
-    let usage = |text: &str| Err(UsageError(text.to_owned()).into());
+fn validate(args: &RunArgs) -> Result<NetworkMode> {
     if args.vnc && args.vnc_experimental {
-        return usage("--vnc and --vnc-experimental are mutually exclusive");
+        return Err(usage("--vnc and --vnc-experimental are mutually exclusive"));
     }
     if args.graphics && args.no_graphics {
-        return usage("--graphics and --no-graphics are mutually exclusive");
+        return Err(usage("--graphics and --no-graphics are mutually exclusive"));
     }
-    if [!args.net_bridged.is_empty(), args.net_softnet, args.net_host]
-        .iter()
-        .filter(|&&on| on)
-        .count()
-        > 1
-    {
-        return usage("--net-bridged, --net-softnet and --net-host are mutually exclusive");
+    NetworkMode::from_args(args)
+}
+
+fn usage(text: &str) -> anyhow::Error {
+    UsageError(text.to_owned()).into()
+}
+
+/// Where the VM's NIC goes, from the `--net-*` flags.
+enum NetworkMode {
+    /// The shared NAT network (the default), plain, Softnet or host-only.
+    Shared(Isolation),
+    Bridged(Vec<String>),
+    /// User-mode NAT; `fallback`: chosen because tart may not manage interfaces.
+    User {
+        forwards: Vec<PortForward>,
+        fallback: bool,
+    },
+}
+
+impl NetworkMode {
+    fn from_args(args: &RunArgs) -> Result<NetworkMode> {
+        let softnet = args.net_softnet
+            || args.net_softnet_allow.is_some()
+            || args.net_softnet_block.is_some()
+            || args.net_softnet_expose.is_some();
+        let user = args.net_user || !args.net_user_expose.is_empty();
+        let bridged = !args.net_bridged.is_empty();
+        if [bridged, softnet, args.net_host].iter().filter(|&&on| on).count() > 1 {
+            return Err(usage(
+                "--net-bridged, --net-softnet and --net-host are mutually exclusive",
+            ));
+        }
+        if user && (bridged || softnet || args.net_host) {
+            return Err(usage(
+                "--net-user cannot be used with --net-bridged, --net-softnet or --net-host",
+            ));
+        }
+        if args.net_bridged.iter().any(|name| name == "list") {
+            let candidates: Vec<String> = bridgeable_interfaces()
+                .into_iter()
+                .map(|interface| match interface.kind {
+                    InterfaceKind::Bridge => format!("  {} (bridge: a tap on it)", interface.name),
+                    InterfaceKind::Interface => format!("  {} (interface: a macvtap on it)", interface.name),
+                })
+                .collect();
+            return Err(usage(&if candidates.is_empty() {
+                "no interfaces to bridge to on this host".to_owned()
+            } else {
+                format!("interfaces available for --net-bridged:\n{}", candidates.join("\n"))
+            }));
+        }
+        let cidrs = |value: &Option<String>| {
+            value
+                .as_deref()
+                .map_or(Ok(Vec::new()), parse_cidrs)
+                .map_err(|e| usage(&e))
+        };
+        let forwards = |values: &[String]| -> Result<Vec<PortForward>> {
+            let mut forwards = Vec::new();
+            for value in values {
+                forwards.extend(parse_port_forwards(value).map_err(|e| usage(&e))?);
+            }
+            Ok(forwards)
+        };
+        Ok(if softnet {
+            NetworkMode::Shared(Isolation::Softnet(SoftnetPolicy {
+                allow: cidrs(&args.net_softnet_allow)?,
+                block: cidrs(&args.net_softnet_block)?,
+                expose: forwards(args.net_softnet_expose.as_slice())?,
+            }))
+        } else if args.net_host {
+            NetworkMode::Shared(Isolation::HostOnly)
+        } else if bridged {
+            NetworkMode::Bridged(args.net_bridged.clone())
+        } else if user || !has_net_admin() {
+            NetworkMode::User {
+                forwards: forwards(&args.net_user_expose)?,
+                fallback: !user,
+            }
+        } else {
+            NetworkMode::Shared(Isolation::None)
+        })
     }
-    let unsupported = [
-        (!args.net_bridged.is_empty(), "--net-bridged"),
-        (args.net_softnet, "--net-softnet"),
-        (args.net_host, "--net-host"),
-    ];
-    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
-        bail!("not implemented yet: tart run {flag}");
+}
+
+/// The host side of the VM's NICs, kept until the VM stops (dropping it undoes it).
+struct Network {
+    attachments: Vec<Attachment>,
+    forwarder: Option<(PortForwarder, Ipv4Addr)>,
+}
+
+impl Network {
+    fn attach(
+        ctx: &Context,
+        mode: &NetworkMode,
+        vm: &str,
+        mac: MacAddress,
+        host: &HostInfo,
+        qemu: &Path,
+    ) -> Result<(Network, Vec<NetworkAttachment>)> {
+        let mut network = Network {
+            attachments: Vec::new(),
+            forwarder: None,
+        };
+        match mode {
+            NetworkMode::User { forwards, fallback } => {
+                let nic = NetworkAttachment::user_nat(host, qemu, forwards.clone());
+                if *fallback {
+                    eprintln!(
+                        "tart may not manage network interfaces (no CAP_NET_ADMIN): the VM gets user-mode networking \
+                         ({}); run tart as root for the shared network",
+                        if matches!(nic, NetworkAttachment::Passt { .. }) {
+                            "passt"
+                        } else {
+                            "QEMU's slirp"
+                        }
+                    );
+                }
+                return Ok((network, vec![nic]));
+            }
+            NetworkMode::Shared(isolation) => {
+                let forwarder = match isolation {
+                    Isolation::Softnet(policy) if !policy.expose.is_empty() => {
+                        Some(PortForwarder::bind(&policy.expose)?)
+                    }
+                    _ => None,
+                };
+                let shared = SharedNetwork::ensure(ctx.home.root())?;
+                let attachment = shared.attach(vm, mac, isolation)?;
+                if let (Some(forwarder), Some(ip)) = (forwarder, attachment.reserved_ip()) {
+                    network.forwarder = Some((forwarder, ip));
+                }
+                network.attachments.push(attachment);
+            }
+            NetworkMode::Bridged(interfaces) => {
+                for interface in interfaces {
+                    network.attachments.push(Attachment::bridged(vm, interface, mac)?);
+                }
+            }
+        }
+        let nics = network.attachments.iter().map(Attachment::qemu).collect();
+        Ok((network, nics))
     }
-    Ok(())
 }
 
 pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
-    validate(args)?;
+    let network_mode = validate(args)?;
     // From the start: a `tart stop`/`tart suspend` that arrives while the VM is still starting
     // is handled once it runs, instead of being lost (a background job ignores SIGINT by
     // default) or killing us (SIGUSR1's default action).
@@ -57,7 +189,7 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
     let vm = ctx.home.existing_local_vm(&args.name)?;
     vm.set_access_date(AccessDate::Now)?;
     let host = HostInfo::detect();
-    let mut options = RunOptions::defaults(&host);
+    let mut options = RunOptions::defaults();
     options.vnc = !args.no_graphics;
     options.root_disk = DiskOptions::parse(&args.root_disk_opts)?;
     options.keyboard = !args.no_keyboard;
@@ -104,7 +236,18 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
         disk_claims.extend(claim);
     }
     let suspendable = options.suspendable;
-    let prepared = VmSpec::prepare(&vm, &config, options, &host)?;
+    let mut prepared = VmSpec::prepare(&vm, &config, options, &host)?;
+    // Last, once nothing else can fail for bad input: the host's network is only changed for
+    // a VM that will run.
+    let (network, nics) = Network::attach(
+        ctx,
+        &network_mode,
+        &args.name,
+        config.mac_address,
+        &host,
+        &prepared.spec.qemu_binary,
+    )?;
+    prepared.spec.set_network(config.mac_address, nics);
     for warning in &prepared.warnings {
         eprintln!("{warning}");
     }
@@ -129,6 +272,9 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
     }
     if let Some(url) = running.vnc_url() {
         println!("VNC server is running at {url}");
+    }
+    if let Some((forwarder, guest)) = network.forwarder {
+        forwarder.serve(guest);
     }
     let _control_socket = match running.vsock_connector() {
         Some(guest) => {
@@ -205,6 +351,7 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
     // The last reference: QEMU's helpers are reaped and the runtime directory is removed now,
     // not skipped by the process exit.
     drop(running);
+    drop(network.attachments);
     Ok(match outcome {
         ExitReason::GuestShutdown => {
             println!("guest has stopped the virtual machine");
