@@ -57,7 +57,6 @@ pub(crate) struct Record {
 #[derive(Debug)]
 pub struct Attachment {
     qemu: NetworkAttachment,
-    port: Option<String>,
     reserved_ip: Option<Ipv4Addr>,
     /// The record and its lock, when there is something to undo.
     record: Option<HeldRecord>,
@@ -74,19 +73,10 @@ struct HeldRecord {
 impl Attachment {
     /// A tap whose undoing is written down in a record (call with the state lock held).
     pub(crate) fn new(tap: OwnedFd, record: Record, state: &StateDir) -> Result<Attachment> {
-        let path = state.attachments_dir().join(format!("{}.json", record.port));
-        write_record(&path, &record)?;
-        let lock = FileLock::exclusive(&path)?;
         Ok(Attachment {
             qemu: tap_attachment(tap),
-            port: Some(record.port.clone()),
             reserved_ip: record.ip,
-            record: Some(HeldRecord {
-                path,
-                record,
-                state: state.clone(),
-                _lock: lock,
-            }),
+            record: Some(HeldRecord::create(record, state)?),
         })
     }
 
@@ -111,7 +101,6 @@ impl Attachment {
                         bridge: interface.to_owned(),
                         helper: bridge_helper(interface)?,
                     },
-                    port: None,
                     reserved_ip: None,
                     record: None,
                 }),
@@ -122,10 +111,9 @@ impl Attachment {
         }
         match kind {
             InterfaceKind::Bridge => {
-                let (tap, port) = create_tap("tarttap%d", interface)?;
+                let (tap, _) = create_tap("tarttap%d", interface)?;
                 Ok(Attachment {
                     qemu: tap_attachment(tap),
-                    port: Some(port),
                     reserved_ip: None,
                     record: None,
                 })
@@ -147,21 +135,12 @@ impl Attachment {
                     port: port.clone(),
                     ip: None,
                 };
-                let path = state.attachments_dir().join(format!("{port}.json"));
-                write_record(&path, &record)?;
-                let lock = FileLock::exclusive(&path)?;
-                let held = HeldRecord {
-                    path,
-                    record,
-                    state: state.clone(),
-                    _lock: lock,
-                };
+                let held = HeldRecord::create(record, &state)?;
                 // create_macvtap leaves nothing behind when it fails: nor do we.
                 let device = create_macvtap(&port, interface, mac, state.path())
                     .inspect_err(|_| drop(std::fs::remove_file(&held.path)))?;
                 Ok(Attachment {
                     qemu: tap_attachment(device),
-                    port: Some(port),
                     reserved_ip: None,
                     record: Some(held),
                 })
@@ -174,14 +153,25 @@ impl Attachment {
         self.qemu.clone()
     }
 
-    /// The tap or macvtap on the host, if we made one.
-    pub fn port(&self) -> Option<&str> {
-        self.port.as_deref()
-    }
-
     /// The VM's address, known in advance for Softnet and host-only VMs.
     pub fn reserved_ip(&self) -> Option<Ipv4Addr> {
         self.reserved_ip
+    }
+}
+
+impl HeldRecord {
+    /// Writes `record` down and locks it (call with the state lock held, so that no
+    /// collection sees it unlocked).
+    fn create(record: Record, state: &StateDir) -> Result<HeldRecord> {
+        let path = state.attachments_dir().join(format!("{}.json", record.port));
+        write_record(&path, &record)?;
+        let lock = FileLock::exclusive(&path)?;
+        Ok(HeldRecord {
+            path,
+            record,
+            state: state.clone(),
+            _lock: lock,
+        })
     }
 }
 

@@ -126,15 +126,19 @@ impl NetworkAttachment {
     /// User-mode NAT: QEMU's slirp when QEMU has it, else `passt` (QEMU 7.2 made slirp
     /// optional, and some builds leave it out). Slirp comes first: Debian 12's passt (2023-03)
     /// sometimes never tells the guest that the other end closed a TCP connection.
-    pub fn user_nat(host: &HostInfo, qemu: &Path, forwards: Vec<PortForward>) -> Self {
-        let passt = (!qemu_has_slirp(qemu)).then(|| host.find_program("passt")).flatten();
-        match passt {
-            Some(binary) => NetworkAttachment::Passt { binary, forwards },
-            None => NetworkAttachment::Slirp {
+    pub fn user_nat(host: &HostInfo, qemu: &Path, forwards: Vec<PortForward>) -> Result<Self> {
+        if qemu_has_slirp(qemu) {
+            return Ok(NetworkAttachment::Slirp {
                 restrict: false,
                 forwards,
-            },
+            });
         }
+        let binary = host.find_program("passt").ok_or(Error::MissingHelper {
+            program: "passt",
+            hint: "this QEMU has no user-mode networking (slirp) of its own: install Debian's passt package \
+                   (apt-get install passt)",
+        })?;
+        Ok(NetworkAttachment::Passt { binary, forwards })
     }
 }
 

@@ -33,6 +33,7 @@ use crate::share::{ShareContent, SharedDirectory};
 use crate::spec::{NetworkAttachment, PortForward, SerialPort, VmSpec};
 use crate::vsock::{VsockConnector, VsockDevice};
 use crate::{sys, Error, Result};
+use tart_home::FileLock;
 
 /// How long QEMU may take to open its QMP socket after being spawned.
 const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -67,6 +68,7 @@ pub struct RunningVm {
     serial_pty: Option<PathBuf>,
     vsock: Option<VsockConnector>,
     args: Vec<String>,
+    _runtime_lock: FileLock,
     runtime_dir: tempfile::TempDir,
 }
 
@@ -80,9 +82,12 @@ impl RunningVm {
     /// or from a thread that lives as long as the VM.
     pub fn start(spec: VmSpec) -> Result<RunningVm> {
         let state_file = spec.restore_from.as_deref().map(open_state).transpose()?;
+        remove_stale_runtime_dirs();
         let runtime_dir = tempfile::Builder::new()
-            .prefix("tart-qemu-")
+            .prefix(RUNTIME_DIR_PREFIX)
             .tempdir_in(runtime_base())
+            .map_err(io_context("failed to create a runtime directory for QEMU"))?;
+        let runtime_lock = lock_runtime_dir(runtime_dir.path())
             .map_err(io_context("failed to create a runtime directory for QEMU"))?;
 
         // Socket pairs for NICs whose backend is a helper process (passt).
@@ -181,6 +186,7 @@ impl RunningVm {
             serial_pty,
             vsock,
             args,
+            _runtime_lock: runtime_lock,
             runtime_dir,
         })
     }
@@ -463,6 +469,34 @@ fn qemu_error_lines(output: &str) -> String {
 fn find_virtiofsd() -> Option<PathBuf> {
     crate::host::find_in_path("virtiofsd", std::env::var_os("PATH").as_deref())
         .or_else(|| Some(PathBuf::from("/usr/libexec/virtiofsd")).filter(|path| path.is_file()))
+}
+
+const RUNTIME_DIR_PREFIX: &str = "tart-qemu-";
+const RUNTIME_LOCK: &str = "lock";
+
+/// Held for the VM's life: a runtime directory whose lock is free belongs to a dead process.
+/// Locked under another name first, so that no other process ever sees it unlocked.
+fn lock_runtime_dir(dir: &Path) -> io::Result<FileLock> {
+    let new = dir.join(format!("{RUNTIME_LOCK}.new"));
+    File::create(&new)?;
+    let lock = FileLock::try_exclusive(&new)?.ok_or_else(|| io::Error::other("the new lock file is locked"))?;
+    fs::rename(&new, dir.join(RUNTIME_LOCK))?;
+    Ok(lock)
+}
+
+/// The runtime directories of VMs whose process was killed (SIGKILL leaves them behind).
+fn remove_stale_runtime_dirs() {
+    let Ok(entries) = fs::read_dir(runtime_base()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let ours = entry.file_name().to_string_lossy().starts_with(RUNTIME_DIR_PREFIX);
+        // Only directories with a lock: one being set up has none yet.
+        if ours && matches!(FileLock::try_exclusive(&dir.join(RUNTIME_LOCK)), Ok(Some(_))) {
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
 }
 
 fn runtime_base() -> PathBuf {

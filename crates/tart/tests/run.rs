@@ -87,6 +87,16 @@ fn killing_tart_run_takes_qemu_with_it() {
             .success()
     };
     assert!(qemu_running(), "QEMU runs the VM's disk");
+    let qemu = Command::new("pgrep")
+        .args(["-af", &format!("file={}", disk.display())])
+        .output()
+        .unwrap();
+    let qemu = String::from_utf8_lossy(&qemu.stdout).into_owned();
+    let runtime_dir = qemu
+        .split([' ', ','])
+        .find_map(|word| word.strip_prefix("path=")?.strip_suffix("/qmp.sock"))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| panic!("no QMP socket in {qemu}"));
     run.kill().unwrap();
     run.wait().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -95,6 +105,19 @@ fn killing_tart_run_takes_qemu_with_it() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(home.state(), "stopped");
+    // Its runtime directory (sockets, helper logs) goes when the next VM starts.
+    assert!(runtime_dir.exists());
+    let next = home.run(2);
+    // QEMU creates the serial file: by then the start has collected stale directories.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !home.serial(2).exists() {
+        assert!(Instant::now() < deadline, "the next tart run did not start QEMU");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!runtime_dir.exists(), "{} is left", runtime_dir.display());
+    home.ok(&["stop", "guest"]);
+    let (code, stdout, stderr) = finish(next);
+    assert_eq!(code, 0, "{stdout}{stderr}");
 }
 
 /// A QEMU that no longer answers (SIGSTOPped) cannot be powered off politely: `tart stop

@@ -141,7 +141,7 @@ impl Network {
         };
         match mode {
             NetworkMode::User { forwards, fallback } => {
-                let nic = NetworkAttachment::user_nat(host, qemu, forwards.clone());
+                let nic = NetworkAttachment::user_nat(host, qemu, forwards.clone())?;
                 if *fallback {
                     eprintln!(
                         "tart may not manage network interfaces (no CAP_NET_ADMIN): the VM gets user-mode networking \
