@@ -78,8 +78,13 @@ impl NetLab {
     }
 
     /// Whether frames crossing the host namespace's bridges also pass its IPv4 netfilter hooks
-    /// (`br_netfilter`, on where Docker runs; the setting is per namespace).
+    /// (`br_netfilter`, on where Docker runs; the setting is per namespace). Where the kernel
+    /// has no br_netfilter, it is off whatever is asked.
     pub fn set_bridge_nf_call_iptables(&self, on: bool) {
+        if !Path::new("/proc/sys/net/bridge/bridge-nf-call-iptables").exists() {
+            eprintln!("netlab: this kernel has no br_netfilter; bridged frames skip the IPv4 hooks");
+            return;
+        }
         let status = self
             .command_in(&self.host, "sh")
             .args([
