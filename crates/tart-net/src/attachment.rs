@@ -57,7 +57,6 @@ pub(crate) struct Record {
 #[derive(Debug)]
 pub struct Attachment {
     qemu: NetworkAttachment,
-    reserved_ip: Option<Ipv4Addr>,
     /// The record and its lock, when there is something to undo.
     record: Option<HeldRecord>,
 }
@@ -75,18 +74,8 @@ impl Attachment {
     pub(crate) fn new(tap: OwnedFd, record: Record, state: &StateDir) -> Result<Attachment> {
         Ok(Attachment {
             qemu: tap_attachment(tap),
-            reserved_ip: record.ip,
             record: Some(HeldRecord::create(record, state)?),
         })
-    }
-
-    pub(crate) fn update_record(&mut self, record: Record) -> Result<()> {
-        self.reserved_ip = record.ip;
-        if let Some(held) = &mut self.record {
-            write_record(&held.path, &record)?;
-            held.record = record;
-        }
-        Ok(())
     }
 
     /// `--net-bridged=<interface>`: a tap on a host bridge, or a macvtap (bridge mode) on any
@@ -101,7 +90,6 @@ impl Attachment {
                         bridge: interface.to_owned(),
                         helper: bridge_helper(interface)?,
                     },
-                    reserved_ip: None,
                     record: None,
                 }),
                 InterfaceKind::Interface => Err(Error::NeedsPrivileges {
@@ -114,7 +102,6 @@ impl Attachment {
                 let (tap, _) = create_tap("tarttap%d", interface)?;
                 Ok(Attachment {
                     qemu: tap_attachment(tap),
-                    reserved_ip: None,
                     record: None,
                 })
             }
@@ -141,7 +128,6 @@ impl Attachment {
                     .inspect_err(|_| drop(std::fs::remove_file(&held.path)))?;
                 Ok(Attachment {
                     qemu: tap_attachment(device),
-                    reserved_ip: None,
                     record: Some(held),
                 })
             }
@@ -155,7 +141,7 @@ impl Attachment {
 
     /// The VM's address, known in advance for Softnet and host-only VMs.
     pub fn reserved_ip(&self) -> Option<Ipv4Addr> {
-        self.reserved_ip
+        self.record.as_ref().and_then(|held| held.record.ip)
     }
 }
 
@@ -227,7 +213,8 @@ fn bridge_helper(bridge: &str) -> Result<PathBuf> {
 /// Undoes what `record` says was made (a missing piece counts as undone).
 fn teardown(state: &StateDir, record: &Record) -> Result<()> {
     let mut result = Ok(());
-    if let (Some(ip), true) = (record.ip, matches!(record.kind, Kind::Softnet | Kind::HostOnly)) {
+    // Only Softnet and host-only VMs have a reserved address, and rules.
+    if let Some(ip) = record.ip {
         let script = rules::remove_vm(&record.port, ip, record.kind == Kind::Softnet);
         if let Err(err) = nft(&script) {
             // Each piece on its own: the ones that are gone fail, the others go.
@@ -245,7 +232,7 @@ fn teardown(state: &StateDir, record: &Record) -> Result<()> {
         if reservation.exists() {
             let _ = std::fs::remove_file(&reservation);
             // dnsmasq forgets removed reservations only when told to reload.
-            if let Some(pid) = state.dnsmasq_pid() {
+            if let Some((pid, _)) = state.running_dnsmasq() {
                 // SAFETY: kill(2) has no memory-safety preconditions.
                 unsafe { libc::kill(pid, libc::SIGHUP) };
             }
@@ -324,12 +311,12 @@ pub fn on_shared_network(mac: MacAddress) -> bool {
         .any(|(_, record)| record.is_some_and(|r| r.kind.on_shared_bridge() && r.mac == mac))
 }
 
-/// How many records of running VMs satisfy `filter` (call after [`collect_locked`]: every
+/// How many running VMs have a NIC on the shared bridge (call after [`collect_locked`]: every
 /// record left is a live one).
-pub(crate) fn live_attachments(state: &StateDir, filter: impl Fn(&Record) -> bool) -> usize {
+pub(crate) fn live_on_shared_bridge(state: &StateDir) -> usize {
     records(state)
         .into_iter()
-        .filter(|(_, record)| record.as_ref().is_some_and(&filter))
+        .filter(|(_, record)| record.as_ref().is_some_and(|r| r.kind.on_shared_bridge()))
         .count()
 }
 

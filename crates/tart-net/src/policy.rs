@@ -38,24 +38,40 @@ impl fmt::Display for Cidr {
     }
 }
 
+impl Cidr {
+    /// The network an interface address such as `10.0.2.15/24` is in.
+    pub fn enclosing(address: &str) -> Option<Cidr> {
+        let (network, prefix) = split(address).ok()?;
+        let mut cidr = Cidr { network, prefix };
+        cidr.network = Ipv4Addr::from(u32::from(network) & cidr.mask());
+        Some(cidr)
+    }
+}
+
+/// `a.b.c.d[/N]`, unchecked for host bits.
+fn split(text: &str) -> Result<(Ipv4Addr, u8), String> {
+    let (address, prefix) = match text.split_once('/') {
+        Some((address, prefix)) => {
+            let prefix = prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= 32)
+                .ok_or_else(|| format!("invalid CIDR {text:?}: the prefix length must be 0 to 32"))?;
+            (address, prefix)
+        }
+        None => (text, 32),
+    };
+    let network: Ipv4Addr = address
+        .parse()
+        .map_err(|_| format!("invalid CIDR {text:?}: {address:?} is not an IPv4 address"))?;
+    Ok((network, prefix))
+}
+
 impl FromStr for Cidr {
     type Err = String;
 
     fn from_str(text: &str) -> Result<Cidr, String> {
-        let (address, prefix) = match text.split_once('/') {
-            Some((address, prefix)) => {
-                let prefix = prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= 32)
-                    .ok_or_else(|| format!("invalid CIDR {text:?}: the prefix length must be 0 to 32"))?;
-                (address, prefix)
-            }
-            None => (text, 32),
-        };
-        let network: Ipv4Addr = address
-            .parse()
-            .map_err(|_| format!("invalid CIDR {text:?}: {address:?} is not an IPv4 address"))?;
+        let (network, prefix) = split(text)?;
         let cidr = Cidr { network, prefix };
         if u32::from(network) & !cidr.mask() != 0 {
             return Err(format!(
@@ -128,6 +144,8 @@ mod tests {
         assert!(Cidr::new(0, 0, 0, 0, 0).contains(Ipv4Addr::new(8, 8, 8, 8)));
         assert!(Cidr::new(172, 16, 0, 0, 12).contains(Ipv4Addr::new(172, 31, 255, 255)));
         assert!(!Cidr::new(172, 16, 0, 0, 12).contains(Ipv4Addr::new(172, 32, 0, 0)));
+        assert_eq!(Cidr::enclosing("10.0.2.15/24"), Some(Cidr::new(10, 0, 2, 0, 24)));
+        assert_eq!(Cidr::enclosing("10.0.2.15/33"), None);
         for (bad, reason) in [
             ("10.0.0.1/8", "host bits are set (did you mean 10.0.0.0/8?)"),
             ("10.0.0.0/33", "prefix length"),

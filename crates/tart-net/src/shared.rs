@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tart_home::MacAddress;
 
-use crate::attachment::{collect_locked, live_attachments, Attachment, Kind, Record};
+use crate::attachment::{collect_locked, live_on_shared_bridge, Attachment, Kind, Record};
 use crate::policy::{Cidr, SoftnetPolicy};
 use crate::programs::{ip_output, nft, program, run_ip};
 use crate::settings::{Settings, SETTINGS_FILE};
@@ -75,7 +75,7 @@ impl SharedNetwork {
         let state = StateDir::locate();
         let _lock = state.lock()?;
         collect_locked(&state)?;
-        let live = live_attachments(&state, |record| record.kind.on_shared_bridge());
+        let live = live_on_shared_bridge(&state);
         let settings_file = home.join(SETTINGS_FILE).display().to_string();
         configure_bridge(&settings, live, &settings_file)?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").map_err(io_context(
@@ -96,22 +96,24 @@ impl SharedNetwork {
             Isolation::Softnet(_) => Kind::Softnet,
             Isolation::HostOnly => Kind::HostOnly,
         };
-        let mut record = Record {
+        // Softnet and host-only VMs need their address in their rules, before they boot.
+        let ip = match isolation {
+            Isolation::None => None,
+            _ => Some(free_address(&self.settings, &self.state, &mac.to_string())?),
+        };
+        let record = Record {
             vm: vm.to_owned(),
             mac: mac.to_string(),
             kind,
             port: port.clone(),
-            ip: None,
+            ip,
         };
         // Written down first, so that whatever follows fails or is interrupted, the next
         // `tart` command finds the record and undoes it.
-        let mut attachment = Attachment::new(tap, record.clone(), &self.state)?;
-        if *isolation != Isolation::None {
-            let ip = free_address(&self.settings, &self.state, &record.mac)?;
-            record.ip = Some(ip);
-            attachment.update_record(record.clone())?;
+        let attachment = Attachment::new(tap, record, &self.state)?;
+        if let Some(ip) = ip {
             let file = self.state.hosts_dir().join(&port);
-            std::fs::write(&file, format!("{},{ip}\n", record.mac))
+            std::fs::write(&file, format!("{mac},{ip}\n"))
                 .map_err(io_context(format!("failed to write {}", file.display())))?;
             if let Some(script) = rules::add_vm(&port, mac, ip, self.settings.gateway(), isolation) {
                 nft(&script)?;
@@ -174,7 +176,7 @@ fn ipv4_addresses() -> Result<Vec<(String, String)>> {
 
 fn check_subnet_free(subnet: Cidr, settings_file: &str) -> Result<()> {
     for (interface, address) in ipv4_addresses()? {
-        let Some(theirs) = interface_network(&address) else {
+        let Some(theirs) = Cidr::enclosing(&address) else {
             continue;
         };
         let common = subnet.mask() & theirs.mask();
@@ -187,16 +189,6 @@ fn check_subnet_free(subnet: Cidr, settings_file: &str) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The network of an interface address such as `10.0.2.15/24`.
-fn interface_network(address: &str) -> Option<Cidr> {
-    let (ip, prefix) = address.split_once('/')?;
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    let prefix: u8 = prefix.parse().ok().filter(|p| *p <= 32)?;
-    let mut cidr = Cidr { network: ip, prefix };
-    cidr.network = Ipv4Addr::from(u32::from(ip) & cidr.mask());
-    Some(cidr)
 }
 
 /// The first address of the reserved range that no reservation and no other client's lease
@@ -247,8 +239,7 @@ fn ensure_dnsmasq(settings: &Settings, state: &StateDir, live: usize, settings_f
         format!("--pid-file={}", state.pid_file().display()),
         format!("--log-facility={}", state.log_file().display()),
     ];
-    if let Some(pid) = state.dnsmasq_pid() {
-        let running = state.dnsmasq_args(pid);
+    if let Some((pid, running)) = state.running_dnsmasq() {
         if running == args {
             return Ok(());
         }

@@ -79,25 +79,17 @@ impl StateDir {
         Ok(FileLock::exclusive(&lock)?)
     }
 
-    /// The pid of the dnsmasq serving this state directory, if it runs.
-    pub(crate) fn dnsmasq_pid(&self) -> Option<libc::pid_t> {
+    /// The dnsmasq serving this state directory, if it runs: its pid and arguments.
+    pub(crate) fn running_dnsmasq(&self) -> Option<(libc::pid_t, Vec<String>)> {
         let pid: libc::pid_t = std::fs::read_to_string(self.pid_file()).ok()?.trim().parse().ok()?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let ours = format!("--dhcp-leasefile={}", self.lease_file().display());
-        cmdline
-            .split(|&b| b == 0)
-            .any(|arg| arg == ours.as_bytes())
-            .then_some(pid)
-    }
-
-    /// dnsmasq's command line as it runs now.
-    pub(crate) fn dnsmasq_args(&self, pid: libc::pid_t) -> Vec<String> {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .unwrap_or_default()
+        let args: Vec<String> = cmdline
             .split(|&b| b == 0)
             .skip(1)
             .filter(|arg| !arg.is_empty())
             .map(|arg| String::from_utf8_lossy(arg).into_owned())
-            .collect()
+            .collect();
+        let ours = format!("--dhcp-leasefile={}", self.lease_file().display());
+        args.contains(&ours).then_some((pid, args))
     }
 }

@@ -156,6 +156,12 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
 
     for (index, nic) in spec.network.iter().enumerate() {
         let id = format!("net{index}");
+        let backend_fd = || {
+            runtime
+                .netdev_fds
+                .get(&index)
+                .ok_or_else(|| Error::InvalidSpec(format!("NIC {index} has no descriptor to its backend")))
+        };
         let netdev = match &nic.attachment {
             NetworkAttachment::Slirp { restrict, forwards } => {
                 let mut netdev = format!("user,id={id}{}", if *restrict { ",restrict=on" } else { "" });
@@ -166,16 +172,10 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
             }
             // One end of a socket pair; passt has the other (no socket file: passt drops root
             // for `nobody`, who could not reach one in our private directory).
-            NetworkAttachment::Passt { .. } | NetworkAttachment::Tap { .. } => {
-                let fd = runtime
-                    .netdev_fds
-                    .get(&index)
-                    .ok_or_else(|| Error::InvalidSpec(format!("NIC {index} has no descriptor to its backend")))?;
-                match nic.attachment {
-                    NetworkAttachment::Tap { .. } => format!("tap,id={id},fd={fd}"),
-                    _ => format!("stream,id={id},server=off,addr.type=fd,addr.str={fd}"),
-                }
+            NetworkAttachment::Passt { .. } => {
+                format!("stream,id={id},server=off,addr.type=fd,addr.str={}", backend_fd()?)
             }
+            NetworkAttachment::Tap { .. } => format!("tap,id={id},fd={}", backend_fd()?),
             NetworkAttachment::BridgeHelper { bridge, helper } => {
                 format!("bridge,id={id},br={},helper={}", escape(bridge), path_opt(helper)?)
             }

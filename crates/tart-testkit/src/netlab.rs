@@ -33,6 +33,8 @@ pub struct NetLab {
 }
 
 impl NetLab {
+    // Not a Default: making one creates two network namespaces.
+    #[allow(clippy::new_without_default)]
     pub fn new() -> NetLab {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let id = format!("tart{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::SeqCst));
@@ -98,10 +100,7 @@ impl NetLab {
 
     /// `program` run inside namespace `ns`.
     pub fn command_in(&self, ns: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", ns]).arg(program);
-        command.env("TART_NETWORK_DIR", self.state_dir.path());
-        command
+        command_in(ns, self.state_dir.path(), program)
     }
 
     /// `ip <args>` in namespace `ns`, which must succeed.
@@ -165,12 +164,6 @@ impl NetLab {
     }
 }
 
-impl Default for NetLab {
-    fn default() -> Self {
-        NetLab::new()
-    }
-}
-
 impl Drop for NetLab {
     fn drop(&mut self) {
         for server in &mut self.servers {
@@ -191,6 +184,15 @@ impl Drop for NetLab {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }
     }
+}
+
+/// `program` run inside namespace `ns`, with `state_dir` as tart's `TART_NETWORK_DIR` (for
+/// callers that keep a lab's names but not the lab).
+pub fn command_in(ns: &str, state_dir: &Path, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("ip");
+    command.args(["netns", "exec", ns]).arg(program);
+    command.env("TART_NETWORK_DIR", state_dir);
+    command
 }
 
 fn run(command: &mut Command) {

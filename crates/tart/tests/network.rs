@@ -36,6 +36,16 @@ fn fetch(home: &Home, vm: &str, address: &str) -> Option<String> {
     (code == 0 && head.starts_with("HTTP/1.0 200")).then(|| body.to_owned())
 }
 
+/// busybox httpd in the guest on `port`, serving `page` (and a newline).
+fn serve_in_guest(home: &Home, vm: &str, port: u16, page: &str) {
+    let (code, text) = guest(
+        home,
+        vm,
+        &format!("mkdir -p /tmp/www && echo {page} >/tmp/www/index.html && httpd -p {port} -h /tmp/www"),
+    );
+    assert_eq!(code, 0, "{text}");
+}
+
 fn can_ping(home: &Home, vm: &str, target: &str) -> bool {
     guest(home, vm, &format!("ping -c 1 -W 3 {target}")).0 == 0
 }
@@ -232,12 +242,7 @@ fn softnet_isolates_the_vm() {
     );
 
     // An exposed port, from the host's loopback and its other address.
-    let (code, text) = guest(
-        &home,
-        "guest",
-        "mkdir -p /tmp/www && echo softnet guest page >/tmp/www/index.html && httpd -p 8000 -h /tmp/www",
-    );
-    assert_eq!(code, 0, "{text}");
+    serve_in_guest(&home, "guest", 8000, "softnet guest page");
     for host in ["127.0.0.1", HOST_UPLINK] {
         let page = lab.output_in(&lab.host, "curl", &["-s", "-m", "10", &format!("{host}:18080")]);
         assert_eq!(page, "softnet guest page\n", "through {host}");
@@ -369,12 +374,7 @@ fn user_mode_networking_and_missing_privileges() {
             "{stderr}"
         );
     }
-    let (code, text) = guest(
-        &home,
-        "guest",
-        "mkdir -p /tmp/www && echo user-mode guest page >/tmp/www/index.html && httpd -p 8000 -h /tmp/www",
-    );
-    assert_eq!(code, 0, "{text}");
+    serve_in_guest(&home, "guest", 8000, "user-mode guest page");
     let page = lab.output_in(&lab.host, "curl", &["-s", "-m", "10", "http://127.0.0.1:18081/"]);
     assert_eq!(page, "user-mode guest page\n");
     // Nothing of the shared network was made for either.

@@ -60,11 +60,7 @@ impl Home {
     pub fn tart(&self) -> Command {
         let tart = assert_cmd::cargo::cargo_bin("tart");
         let mut cmd = match &self.lab {
-            Some((ns, state)) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(tart).env("TART_NETWORK_DIR", state);
-                cmd
-            }
+            Some((ns, state)) => tart_testkit::netlab::command_in(ns, state, tart),
             None => Command::new(tart),
         };
         cmd.env("TART_HOME", self.dir.path().join("home")).env("CI", "1");
