@@ -34,22 +34,37 @@ pub fn copy_sparse_range(
     let end = source_start + len;
     let mut offset = source_start;
     while offset < end {
-        let data_start = match lseek(source, offset, libc::SEEK_DATA) {
-            Ok(start) => start,
-            Err(err) if err.raw_os_error() == Some(libc::ENXIO) => return Ok(()),
-            // No SEEK_DATA support: treat the rest as data; zero blocks are still skipped below.
-            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => offset,
-            Err(err) => return Err(err),
-        };
+        let data_start = seek_data(source, offset)?;
         if data_start >= end {
             return Ok(());
         }
-        let data_end = lseek(source, data_start, libc::SEEK_HOLE).unwrap_or(end).min(end);
+        let data_end = seek_hole(source, data_start)?.min(end);
         let shift = |pos: u64| pos - source_start + target_start;
         copy_range(source, target, data_start, shift(data_start), data_end - data_start)?;
         offset = data_end;
     }
     Ok(())
+}
+
+/// Start of the first data region at or after `offset`: `u64::MAX` when only a hole follows,
+/// `offset` itself where the filesystem cannot tell (no SEEK_DATA), so callers read everything.
+pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<u64> {
+    match lseek(file, offset, libc::SEEK_DATA) {
+        Ok(start) => Ok(start),
+        Err(err) if err.raw_os_error() == Some(libc::ENXIO) => Ok(u64::MAX),
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => Ok(offset),
+        Err(err) => Err(err),
+    }
+}
+
+/// End of the data region that contains `offset`: `u64::MAX` where the filesystem cannot tell.
+pub(crate) fn seek_hole(file: &File, offset: u64) -> io::Result<u64> {
+    Ok(lseek(file, offset, libc::SEEK_HOLE).unwrap_or(u64::MAX))
+}
+
+/// Makes the entries of `dir` (names created, renamed or removed) durable.
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn copy_range(source: &File, target: &File, source_start: u64, target_start: u64, len: u64) -> io::Result<()> {

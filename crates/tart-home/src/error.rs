@@ -30,6 +30,13 @@ pub enum Error {
     HomeNotDirectory(PathBuf),
     #[error("new disk size of {}GB should be larger than the current disk size of {}GB", .requested / 1_000_000_000, .current / 1_000_000_000)]
     DiskShrink { requested: u64, current: u64 },
+    #[error("{} is not a usable .tvm archive: {reason}", path.display())]
+    InvalidArchive { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    Archive {
+        path: PathBuf,
+        source: apple_archive::Error,
+    },
     #[error("{context}: {source}")]
     Io { context: String, source: io::Error },
 }

@@ -126,12 +126,14 @@ impl TartHome {
     }
 }
 
-/// Interrupted pulls are resumed from `tmp/pull-<digest>`. Tart lets any other command collect
-/// them at once; we keep them for a day so that running `tart list` between two attempts does
-/// not throw away gigabytes of verified layers.
+/// Interrupted pulls are resumed from `tmp/pull-<digest>`, image downloads from
+/// `tmp/download-<key>`. Tart lets any other command collect them at once; we keep them for a
+/// day so that running `tart list` between two attempts does not throw away gigabytes.
 fn is_young_pull_staging(entry: &fs::DirEntry) -> bool {
     const KEEP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
-    entry.file_name().to_string_lossy().starts_with(PULL_STAGING_PREFIX)
+    let name = entry.file_name();
+    let name = name.to_string_lossy();
+    (name.starts_with(PULL_STAGING_PREFIX) || name.starts_with(DOWNLOAD_STAGING_PREFIX))
         && entry
             .metadata()
             .and_then(|m| m.modified())
@@ -140,6 +142,8 @@ fn is_young_pull_staging(entry: &fs::DirEntry) -> bool {
 
 /// Name prefix of pull staging directories under `tmp/`.
 pub const PULL_STAGING_PREFIX: &str = "pull-";
+/// Name prefix of image download staging directories under `tmp/`.
+pub const DOWNLOAD_STAGING_PREFIX: &str = "download-";
 
 /// Removes a file or a directory tree; gone already is fine.
 pub(crate) fn remove_path(path: &Path) -> io::Result<()> {

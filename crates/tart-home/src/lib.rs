@@ -13,12 +13,13 @@ mod lock;
 mod mac;
 mod name;
 pub mod prune;
+mod tvm;
 mod vm;
 
 pub use config::{tart_compact_json, tart_pretty_json, Arch, DiskFormat, Display, DisplayUnit, Os, VmConfig};
 pub use copy::{clone_file, copy_sparse_range};
 pub use error::{Error, Result};
-pub use home::{StagingDir, TartHome, PULL_STAGING_PREFIX};
+pub use home::{StagingDir, TartHome, DOWNLOAD_STAGING_PREFIX, PULL_STAGING_PREFIX};
 pub use lifecycle::grow_disk;
 pub use lock::{FileLock, PidLock};
 pub use mac::MacAddress;

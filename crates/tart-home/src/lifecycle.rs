@@ -9,6 +9,20 @@ use crate::{clone_file, AccessDate, Arch, Error, Result, TartHome, VmConfig, VmD
 impl TartHome {
     /// `tart create --linux`: an empty UEFI VM with a sparse raw disk of `disk_size` bytes.
     pub fn create_linux_vm(&self, name: &str, disk_size: u64, nvram_template: &Path, force: bool) -> Result<()> {
+        self.create_linux_vm_with(name, nvram_template, force, |staged| {
+            staged.create_empty_disk(disk_size)
+        })
+    }
+
+    /// A new UEFI VM whose disk (and whatever else it needs) `fill` makes in the staging
+    /// directory; nothing appears under `vms/` unless `fill` succeeds.
+    pub fn create_linux_vm_with<E: From<Error>>(
+        &self,
+        name: &str,
+        nvram_template: &Path,
+        force: bool,
+        fill: impl FnOnce(&VmDir) -> Result<(), E>,
+    ) -> Result<(), E> {
         let target = self.vacant_target(name, force)?;
         let staging = self.staging_dir()?;
         let staged = VmDir::new(staging.path().to_owned());
@@ -16,35 +30,52 @@ impl TartHome {
             "failed to copy the UEFI variable store template {}",
             nvram_template.display()
         )))?;
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(staged.disk_path())
-            .and_then(|disk| disk.set_len(disk_size))
-            .map_err(io_context("failed to create disk.img"))?;
+        fill(&staged)?;
         staged.save_config(&VmConfig::new_linux(Arch::host()))?;
         staged.set_access_date(AccessDate::Now)?;
-        self.move_into_place(staging, &target, name, force)
+        Ok(self.move_into_place(staging, &target, name, force)?)
     }
 
     /// Copies a VM (local, or an image from the OCI cache) to a new local VM. Files are reflinked
     /// where possible; the MAC address is regenerated when another local VM already uses it.
-    pub fn clone_vm(&self, source: &VmDir, target_name: &str, force: bool) -> Result<()> {
+    /// `adapt` changes the staged copy before it moves into place (a new cloud-init identity).
+    pub fn clone_vm<E: From<Error>>(
+        &self,
+        source: &VmDir,
+        target_name: &str,
+        force: bool,
+        adapt: impl FnOnce(&VmDir) -> Result<(), E>,
+    ) -> Result<(), E> {
         let target = self.vacant_target(target_name, force)?;
         let staging = self.staging_dir()?;
         let staged = VmDir::new(staging.path().to_owned());
         source.copy_files_into(staging.path(), true)?;
+        adapt(&staged)?;
+        let suspended = source.state() == VmState::Suspended;
+        Ok(self.adopt_staged_vm(staging, &target, target_name, force, suspended)?)
+    }
 
+    /// Moves a VM assembled in `staging` to `target`, with a new MAC address if another local
+    /// VM has its MAC, unless `keep_mac` (a suspended VM's saved state has the MAC baked in,
+    /// so Tart keeps it even if shared).
+    pub(crate) fn adopt_staged_vm(
+        &self,
+        staging: crate::StagingDir,
+        target: &VmDir,
+        name: &str,
+        force: bool,
+        keep_mac: bool,
+    ) -> Result<()> {
+        let staged = VmDir::new(staging.path().to_owned());
         let _global = self.global_lock()?;
         let mut config = staged.config()?;
-        // A suspended VM's saved state has the MAC baked in, so Tart keeps it even if shared.
-        if source.state() != VmState::Suspended && self.mac_in_use(&config, None)? {
+        if !keep_mac && self.mac_in_use(&config, None)? {
             config.mac_address = crate::MacAddress::random();
             let _ = fs::remove_file(staged.state_path());
             staged.save_config(&config)?;
         }
         staged.set_access_date(AccessDate::Now)?;
-        self.move_into_place(staging, &target, target_name, force)
+        self.move_into_place(staging, target, name, force)
     }
 
     /// Whether a local VM other than `except` has the MAC address of `config`.
@@ -84,7 +115,7 @@ impl TartHome {
         }
     }
 
-    fn vacant_target(&self, name: &str, force: bool) -> Result<VmDir> {
+    pub(crate) fn vacant_target(&self, name: &str, force: bool) -> Result<VmDir> {
         let target = self.local_vm(name)?;
         if !force && target.path().exists() {
             return Err(Error::VmAlreadyExists(name.to_owned()));

@@ -63,6 +63,21 @@ impl VmDir {
         self.path.join("state.vzvmsave")
     }
 
+    /// A new, sparse, all-zero `disk.img` of `size` bytes.
+    pub fn create_empty_disk(&self, size: u64) -> Result<()> {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(self.disk_path())
+            .and_then(|disk| disk.set_len(size))
+            .map_err(io_context("failed to create disk.img"))
+    }
+
+    /// The VM's cloud-init NoCloud seed (`user-data`, `meta-data`, ...), if it has one.
+    pub fn seed_dir(&self) -> PathBuf {
+        self.path.join("cloud-init")
+    }
+
     pub fn is_initialized(&self) -> bool {
         VM_FILES.iter().all(|file| self.path.join(file).is_file())
     }
@@ -167,7 +182,7 @@ impl VmDir {
     }
 
     /// Copies the VM's files into the (empty) directory `target`, reflinked where possible; the
-    /// saved machine state too when `with_state` and there is one.
+    /// saved machine state too when `with_state` and there is one, and the cloud-init seed.
     pub fn copy_files_into(&self, target: &Path, with_state: bool) -> Result<()> {
         let mut files = vec![self.config_path(), self.nvram_path(), self.disk_path()];
         if with_state && self.state_path().exists() {
@@ -177,6 +192,19 @@ impl VmDir {
             let name = file.file_name().expect("VM file paths have names");
             crate::clone_file(file, &target.join(name))
                 .map_err(io_context(format!("failed to copy {}", file.display())))?;
+        }
+        let seed = self.seed_dir();
+        if let Ok(entries) = fs::read_dir(&seed) {
+            let target_seed = target.join("cloud-init");
+            fs::create_dir(&target_seed).map_err(io_context(format!("failed to create {}", target_seed.display())))?;
+            for entry in entries {
+                let file = entry
+                    .map_err(io_context(format!("failed to list {}", seed.display())))?
+                    .path();
+                let name = file.file_name().expect("directory entries have names");
+                crate::clone_file(&file, &target_seed.join(name))
+                    .map_err(io_context(format!("failed to copy {}", file.display())))?;
+            }
         }
         Ok(())
     }

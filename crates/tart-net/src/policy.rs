@@ -30,6 +30,12 @@ impl Cidr {
     pub fn contains(&self, address: Ipv4Addr) -> bool {
         u32::from(address) & self.mask() == u32::from(self.network)
     }
+
+    /// Whether the two networks share an address (one contains the other).
+    pub fn overlaps(&self, other: &Cidr) -> bool {
+        let common = self.mask() & other.mask();
+        u32::from(self.network) & common == u32::from(other.network) & common
+    }
 }
 
 impl fmt::Display for Cidr {

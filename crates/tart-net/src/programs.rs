@@ -8,7 +8,16 @@ use std::process::{Command, Stdio};
 
 use crate::{io_context, Error, Result};
 
-pub(crate) fn program(name: &'static str, package: &'static str) -> Result<PathBuf> {
+/// What the shared network runs, each with the Debian package that ships it.
+pub const SHARED_NETWORK_PROGRAMS: [(&str, &str); 4] = [
+    ("ip", "iproute2"),
+    ("nft", "nftables"),
+    ("dnsmasq", "dnsmasq-base"),
+    ("dhcp_release", "dnsmasq-utils"),
+];
+
+/// `name` from `PATH`, or an error naming the package to install.
+pub fn program(name: &'static str, package: &'static str) -> Result<PathBuf> {
     tart_qemu::find_in_path(name, std::env::var_os("PATH").as_deref())
         .ok_or(Error::MissingProgram { program: name, package })
 }

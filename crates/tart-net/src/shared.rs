@@ -10,7 +10,7 @@ use tart_home::MacAddress;
 
 use crate::attachment::{collect_locked, live_on_shared_bridge, Attachment, Kind, Record};
 use crate::policy::{Cidr, SoftnetPolicy};
-use crate::programs::{ip_output, nft, program, run_ip};
+use crate::programs::{ip_output, nft, program, run_ip, SHARED_NETWORK_PROGRAMS};
 use crate::settings::{Settings, SETTINGS_FILE};
 use crate::state::StateDir;
 use crate::tap::create_tap;
@@ -64,12 +64,7 @@ impl SharedNetwork {
             });
         }
         let settings = Settings::load(home)?;
-        for (name, package) in [
-            ("ip", "iproute2"),
-            ("nft", "nftables"),
-            ("dnsmasq", "dnsmasq-base"),
-            ("dhcp_release", "dnsmasq-utils"),
-        ] {
+        for (name, package) in SHARED_NETWORK_PROGRAMS {
             program(name, package)?;
         }
         let state = StateDir::locate();
@@ -179,8 +174,7 @@ fn check_subnet_free(subnet: Cidr, settings_file: &str) -> Result<()> {
         let Some(theirs) = Cidr::enclosing(&address) else {
             continue;
         };
-        let common = subnet.mask() & theirs.mask();
-        if interface != BRIDGE && u32::from(theirs.network) & common == u32::from(subnet.network) & common {
+        if interface != BRIDGE && subnet.overlaps(&theirs) {
             return Err(Error::SubnetInUse {
                 subnet: subnet.to_string(),
                 interface,

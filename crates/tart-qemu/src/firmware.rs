@@ -63,7 +63,8 @@ fn candidates(arch: Arch) -> &'static [(&'static str, &'static str)] {
     }
 }
 
-fn firmware_package(arch: Arch) -> &'static str {
+/// The Debian package that ships the UEFI firmware for `arch`.
+pub fn firmware_package(arch: Arch) -> &'static str {
     match arch {
         Arch::Amd64 => "ovmf",
         Arch::Arm64 => "qemu-efi-aarch64",

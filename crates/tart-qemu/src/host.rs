@@ -20,6 +20,11 @@ use crate::{Error, Result};
 /// Name of the variable that forces the accelerator.
 pub const ACCEL_ENV: &str = "TART_ACCEL";
 
+/// Where tart's Debian package puts the helper daemons it ships (`virtiofsd`,
+/// `vhost-device-vsock`): outside `PATH`, so they never clash with a distribution's own packages
+/// of them.
+pub const HELPER_DIR: &str = "/usr/libexec/tart";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Accel {
     Kvm,
@@ -162,6 +167,17 @@ impl HostInfo {
     pub fn find_program(&self, name: &str) -> Option<PathBuf> {
         find_in_path(name, self.path.as_deref())
     }
+
+    /// A helper daemon tart starts; see [`find_helper`].
+    pub fn find_helper(&self, name: &str) -> Option<PathBuf> {
+        find_helper(name, self.path.as_deref())
+    }
+}
+
+/// A helper daemon tart starts (`virtiofsd`, `vhost-device-vsock`): from `path` first, so an
+/// admin's own build wins, else the copy that tart's package ships in [`HELPER_DIR`].
+pub fn find_helper(name: &str, path: Option<&OsStr>) -> Option<PathBuf> {
+    find_in_path(name, path).or_else(|| find_in_path(name, Some(OsStr::new(HELPER_DIR))))
 }
 
 /// The system emulator binary for `arch` and the Debian package that ships it.

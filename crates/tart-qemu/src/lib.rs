@@ -51,7 +51,8 @@ pub use disk::{
 pub use error::{Error, Result};
 pub use firmware::{Firmware, NvramChoice, NvramFormat, QEMU_NVRAM_FILE};
 pub use host::{
-    cpuinfo_has_hardware_virtualization, find_in_path, qemu_binary_name, Accel, AccelChoice, HostInfo, ACCEL_ENV,
+    cpuinfo_has_hardware_virtualization, find_helper, find_in_path, qemu_binary_name, Accel, AccelChoice, HostInfo,
+    ACCEL_ENV, HELPER_DIR,
 };
 pub use qmp::{QemuVersion, QmpClient, QmpError, QmpEvent, ShutdownEvent};
 pub use share::{parse_directory_shares, NamedDirectory, ShareContent, SharedDirectory, DEFAULT_SHARE_TAG};
@@ -59,5 +60,5 @@ pub use spec::{
     DisplaySize, NetworkAttachment, NetworkDevice, PortForward, PreparedVm, RunOptions, SerialDevice, SerialPort,
     TapDevice, VmSpec,
 };
-pub use vm::{ExitReason, RunningVm};
+pub use vm::{find_virtiofsd, ExitReason, RunningVm};
 pub use vsock::{GuestStream, VsockConnector, VsockDevice};

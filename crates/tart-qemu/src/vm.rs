@@ -465,9 +465,10 @@ fn qemu_error_lines(output: &str) -> String {
     }
 }
 
-/// `virtiofsd` from PATH, or where Debian's package puts it (outside PATH).
-fn find_virtiofsd() -> Option<PathBuf> {
-    crate::host::find_in_path("virtiofsd", std::env::var_os("PATH").as_deref())
+/// `virtiofsd` from PATH or tart's package, else where Debian's own package puts it (outside
+/// PATH).
+pub fn find_virtiofsd() -> Option<PathBuf> {
+    crate::host::find_helper("virtiofsd", std::env::var_os("PATH").as_deref())
         .or_else(|| Some(PathBuf::from("/usr/libexec/virtiofsd")).filter(|path| path.is_file()))
 }
 

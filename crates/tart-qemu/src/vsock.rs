@@ -43,7 +43,7 @@ impl VsockDevice {
         if suspendable {
             return None;
         }
-        host.find_program("vhost-device-vsock")
+        host.find_helper("vhost-device-vsock")
             .map(|binary| VsockDevice::VhostUser { binary })
     }
 }

@@ -9,9 +9,13 @@
 //!
 //! - [`NetLab`]: network namespaces of a test's own, where `tart run` builds its networks.
 //!
+//! - [`debian_image`]: the Debian 12 cloud image that real-guest tests boot; [`FileServer`]
+//!   serves files like it over HTTP on 127.0.0.1.
+//!
 //! Everything binds ephemeral ports and private temporary directories, so tests can run in parallel.
 
 mod client;
+mod files;
 mod http;
 pub mod netlab;
 mod process;
@@ -19,6 +23,7 @@ mod proxy;
 mod registry;
 mod token;
 
+pub use files::FileServer;
 pub use netlab::NetLab;
 pub use proxy::{FaultProxy, ProxiedRequest};
 pub use registry::Registry;
@@ -55,6 +60,21 @@ pub fn test_guest_image_with_agent() -> &'static Path {
                 .trim(),
         );
         build_guest("test-agent.img", Some(&agent))
+    })
+}
+
+/// The Debian 12 cloud image (`scripts/guest/build-debian-image`: qcow2 with systemd,
+/// cloud-init, sshd and our agent), built on first use and cached in `build/debian` by its inputs.
+pub fn debian_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let out = Command::new(repo_root().join("scripts/guest/build-debian-image"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/guest/build-debian-image");
+        assert!(out.status.success(), "build-debian-image failed");
+        let stdout = String::from_utf8(out.stdout).expect("build-debian-image prints a path");
+        PathBuf::from(stdout.lines().last().expect("build-debian-image prints the image's path").trim())
     })
 }
 

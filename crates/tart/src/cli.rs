@@ -41,10 +41,10 @@ pub enum Command {
     Pull(PullArgs),
     /// Push a VM to a registry
     Push(PushArgs),
-    /// Import a VM from a compressed .tvm file (not implemented yet)
-    Import(NotYet),
-    /// Export a VM to a compressed .tvm file (not implemented yet)
-    Export(NotYet),
+    /// Import a VM from a compressed .tvm file (Apple Archive, as macOS Tart writes it)
+    Import(ImportArgs),
+    /// Export a VM to a compressed .tvm file that macOS Tart can import
+    Export(ExportArgs),
     /// Prune OCI caches or local VMs
     Prune(PruneArgs),
     /// Rename a local VM
@@ -58,6 +58,8 @@ pub enum Command {
     Fqn(FqnArgs),
     /// Suspend a running VM (its state is saved; the next `tart run` resumes it)
     Suspend(SuspendArgs),
+    /// Check whether this host can run VMs well, and how to fix what is missing
+    Doctor(DoctorArgs),
     /// Print a shell completion script
     Completions(CompletionsArgs),
     /// Print the man page (roff)
@@ -74,13 +76,6 @@ impl Command {
             Command::Pull(_) | Command::Clone(_) | Command::Completions(_) | Command::Manpage
         )
     }
-}
-
-/// Arguments of a command that a later release implements; accepted so `--help` lists it.
-#[derive(Args, Debug)]
-pub struct NotYet {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    _args: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -209,11 +204,21 @@ pub struct CreateArgs {
     #[arg(long, value_name = "path")]
     pub from_ipsw: Option<String>,
     /// Create an empty Linux VM booting with UEFI
-    #[arg(long)]
+    #[arg(long, conflicts_with = "from_image")]
     pub linux: bool,
-    /// Disk size in GB (10^9 bytes)
-    #[arg(long, default_value_t = 50, value_name = "GB")]
-    pub disk_size: u16,
+    /// Create a Linux VM from a cloud image (qcow2, raw, vmdk or vhdx): a file or an http(s) URL
+    /// (downloaded once into the cache); it gets a cloud-init seed (user admin, password admin)
+    #[arg(long, value_name = "file or URL")]
+    pub from_image: Option<String>,
+    /// With --from-image: the image's SHA-256, checked before it is used
+    #[arg(long, value_name = "hex", requires = "from_image")]
+    pub sha256: Option<String>,
+    /// cloud-init user-data for the VM's seed instead of tart's default (#cloud-config or #! script)
+    #[arg(long, value_name = "file")]
+    pub user_data: Option<PathBuf>,
+    /// Disk size in GB (10^9 bytes); default 50 for --linux, the image's size for --from-image
+    #[arg(long, value_name = "GB")]
+    pub disk_size: Option<u16>,
     /// Disk image format
     #[arg(long, default_value = "raw", ignore_case = true, value_parser = ["raw", "asif"])]
     pub disk_format: String,
@@ -343,6 +348,10 @@ pub struct SetArgs {
     /// Grow the disk to this size in GB (10^9 bytes)
     #[arg(long, value_name = "GB")]
     pub disk_size: Option<u16>,
+    /// Replace the cloud-init user-data (#cloud-config or #! script); cloud-init applies it at the
+    /// next boot, as a new instance
+    #[arg(long, value_name = "file")]
+    pub user_data: Option<PathBuf>,
 }
 
 impl SetArgs {
@@ -429,4 +438,29 @@ pub struct FqnArgs {
 #[derive(Args, Debug)]
 pub struct CompletionsArgs {
     pub shell: clap_complete::Shell,
+}
+
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Path to the .tvm file
+    pub path: PathBuf,
+    /// Name of the new local VM
+    pub name: String,
+    /// Replace an existing VM of the same name
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Local VM or remote VM in the cache
+    pub name: String,
+    /// Where to write the archive (default: <name>.tvm in the current directory)
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DoctorArgs {
+    #[arg(long, value_enum, default_value_t)]
+    pub format: Format,
 }

@@ -122,11 +122,12 @@ fn create_clone_set_get_list_rename_delete() {
     assert_eq!(json["Display"], "1280x800px");
     assert_eq!(json["Running"], false);
     assert_eq!(json["State"], "stopped");
+    assert_eq!(json["CloudInit"], false);
     let text = home.ok(&["get", "work"]);
     let mut lines = text.lines();
     assert_eq!(
         lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-        ["OS", "CPU", "Memory", "Disk", "DiskFormat", "Size", "Display", "State"]
+        ["OS", "CPU", "Memory", "Disk", "DiskFormat", "Size", "Display", "State", "CloudInit"]
     );
     assert_eq!(lines.next().unwrap().split_whitespace().next(), Some("linux"));
 

@@ -25,6 +25,8 @@ struct VmInfo {
     display: String,
     running: bool,
     state: &'static str,
+    /// Whether `tart run` gives the guest a cloud-init seed (`<vm>/cloud-init/`).
+    cloud_init: bool,
 }
 
 pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
@@ -42,11 +44,22 @@ pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
         display: config.display.to_string(),
         running: state == VmState::Running,
         state: state.as_str(),
+        cloud_init: vm.seed_dir().is_dir(),
     };
     match args.format {
         Format::Json => println!("{}", String::from_utf8(tart_pretty_json(&info))?),
         Format::Text => {
-            let header = ["OS", "CPU", "Memory", "Disk", "DiskFormat", "Size", "Display", "State"];
+            let header = [
+                "OS",
+                "CPU",
+                "Memory",
+                "Disk",
+                "DiskFormat",
+                "Size",
+                "Display",
+                "State",
+                "CloudInit",
+            ];
             let row = vec![
                 info.os.to_owned(),
                 info.cpu.to_string(),
@@ -56,6 +69,7 @@ pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
                 info.size,
                 info.display,
                 info.state.to_owned(),
+                if info.cloud_init { "seed" } else { "none" }.to_owned(),
             ];
             println!("{}", table(&header, &[row]));
         }

@@ -2,9 +2,10 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
+use tart_cloudinit::Seed;
 use tart_home::{grow_disk, AccessDate, Arch, Display, Error, MacAddress, Os, VmState};
 
-use super::{parse_vm_name, Context, VmName};
+use super::{image, parse_vm_name, Context, VmName};
 use crate::cli::{CloneArgs, CreateArgs, DeleteArgs, RenameArgs, SetArgs, StopArgs};
 use crate::UsageError;
 
@@ -16,20 +17,28 @@ pub fn create(ctx: &Context, args: &CreateArgs) -> Result<()> {
     if args.from_ipsw.is_some() {
         bail!("macOS guests need a macOS host: --from-ipsw is not supported on Linux, use --linux");
     }
-    if !args.linux {
-        return Err(UsageError("Please specify either a --from-ipsw or --linux option!".into()).into());
-    }
     if args.disk_format.eq_ignore_ascii_case("asif") {
         bail!("ASIF disk images need macOS 26 or newer: use --disk-format raw");
     }
+    if let Some(location) = &args.from_image {
+        return image::create(ctx, args, location);
+    }
+    if !args.linux {
+        return Err(
+            UsageError("Please specify either a --from-ipsw, --from-image or --linux option!".into()).into(),
+        );
+    }
+    let user_data = args.user_data.as_deref().map(image::read_user_data).transpose()?;
+    let disk_size = u64::from(args.disk_size.unwrap_or(50)) * GB;
     let firmware = tart_qemu::firmware::find_firmware(Arch::host())?;
-    ctx.home.create_linux_vm(
-        &args.name,
-        u64::from(args.disk_size) * GB,
-        &firmware.vars_template,
-        args.force,
-    )?;
-    Ok(())
+    ctx.home
+        .create_linux_vm_with(&args.name, &firmware.vars_template, args.force, |staged| -> Result<()> {
+            staged.create_empty_disk(disk_size)?;
+            if let Some(user_data) = user_data {
+                Seed::new(user_data, &args.name).save(&staged.seed_dir())?;
+            }
+            Ok(())
+        })
 }
 
 pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
@@ -44,7 +53,8 @@ pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
         },
     };
     source.set_access_date(AccessDate::Now)?;
-    ctx.home.clone_vm(&source, &args.new_name, args.force)?;
+    ctx.home
+        .clone_vm(&source, &args.new_name, args.force, |staged| image::renew_identity(staged, &args.new_name))?;
 
     // The clone shares the source's extents now but will diverge as the guest writes: make
     // sure that much room can exist, within --prune-limit, by pruning old cached images.
@@ -76,6 +86,7 @@ pub fn set(ctx: &Context, args: &SetArgs) -> Result<()> {
             .into());
         }
     }
+    let user_data = args.user_data.as_deref().map(image::read_user_data).transpose()?;
     let display = args
         .display
         .as_deref()
@@ -132,6 +143,9 @@ pub fn set(ctx: &Context, args: &SetArgs) -> Result<()> {
     }
     if let Some(size) = new_disk_size {
         grow_disk(&vm.disk_path(), size)?;
+    }
+    if let Some(user_data) = user_data {
+        image::set_user_data(&vm, &args.name, user_data)?;
     }
     Ok(())
 }

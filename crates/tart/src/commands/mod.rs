@@ -1,4 +1,7 @@
 mod agent;
+mod archive;
+mod doctor;
+mod image;
 mod info;
 mod lifecycle;
 mod meta;
@@ -51,8 +54,9 @@ pub fn run(command: Command) -> Result<ExitCode> {
         Command::Exec(args) => return agent::exec(&ctx, &args),
         Command::Pull(args) => registry::pull(&ctx, &args),
         Command::Push(args) => registry::push(&ctx, &args),
-        Command::Import(_) => not_implemented("import"),
-        Command::Export(_) => not_implemented("export"),
+        Command::Import(args) => archive::import(&ctx, &args),
+        Command::Export(args) => archive::export(&ctx, &args),
+        Command::Doctor(args) => return doctor::doctor(&ctx, &args),
         Command::Suspend(args) => run::suspend(&ctx, &args),
         Command::Completions(_) | Command::Manpage => unreachable!("handled before TART_HOME is opened"),
     }?;
@@ -62,10 +66,6 @@ pub fn run(command: Command) -> Result<ExitCode> {
 pub struct Context {
     pub home: TartHome,
     pub cache: OciCache,
-}
-
-fn not_implemented(command: &str) -> Result<()> {
-    anyhow::bail!("not implemented yet: {command}")
 }
 
 /// A VM argument that may name a local VM or an image in a registry.

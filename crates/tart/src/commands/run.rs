@@ -235,6 +235,14 @@ pub fn run(ctx: &Context, args: &RunArgs) -> Result<ExitCode> {
         options.extra_disks.push(disk);
         disk_claims.extend(claim);
     }
+    // After the --disk drives, so theirs keep the guest device names they had without a seed.
+    let _seed_disk = match super::image::seed_disk(ctx, &vm)? {
+        Some((disk, staging)) => {
+            options.extra_disks.push(disk);
+            Some(staging)
+        }
+        None => None,
+    };
     let suspendable = options.suspendable;
     let mut prepared = VmSpec::prepare(&vm, &config, options, &host)?;
     // Last, once nothing else can fail for bad input: the host's network is only changed for
