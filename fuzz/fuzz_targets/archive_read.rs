@@ -14,16 +14,20 @@ fuzz_target!(|data: &[u8]| {
     let Ok(mut reader) = ArchiveReader::new(std::io::Cursor::new(input)) else {
         return;
     };
+    // Read everything; the first error ends it, as it ends an import.
     while let Ok(Some(_header)) = reader.next_entry() {
-        while let Ok(Some(_blob)) = reader.next_blob() {
+        loop {
+            match reader.next_blob() {
+                Ok(Some(_blob)) => {}
+                Ok(None) => break,
+                Err(_) => return,
+            }
             loop {
                 match reader.read_blob(1 << 20) {
                     Ok(Some(Piece::Bytes(_) | Piece::Zeros(_))) => {}
-                    _ => break,
+                    Ok(None) => break,
+                    Err(_) => return,
                 }
-            }
-            if reader.next_blob().is_err() {
-                return;
             }
         }
     }

@@ -46,7 +46,7 @@ mod tests;
 
 pub use archive::{ArchiveReader, ArchiveWriter, Sink};
 pub use header::{EntryType, Header, Key, Value, LEGACY_MAGIC, MAGIC};
-pub use pbz::{PbzeWriter, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
+pub use pbz::{is_zero, PbzeWriter, DEFAULT_BLOCK_SIZE, MAX_BLOCK_SIZE};
 pub use stream::Piece;
 
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,7 @@
 //! We write incompressible blocks as LZFSE streams of one stored (`bvx-`) block instead, which
 //! every LZFSE decoder reads, so our files never depend on how a reader treats the equal sizes.
 
+use std::cell::OnceCell;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -40,7 +41,8 @@ pub(crate) enum Block {
     Zeros(usize),
 }
 
-/// Threads that each own a codec state, fed through one queue.
+/// Threads that each own a codec state, fed through one queue. Started by the first job, so
+/// small archives (and all-zero ones) never pay for threads.
 struct Pool<S> {
     jobs: Option<SyncSender<Job<S>>>,
     threads: Vec<JoinHandle<()>>,
@@ -49,10 +51,18 @@ struct Pool<S> {
 type Job<S> = Box<dyn FnOnce(&mut S) + Send>;
 
 impl<S: Default + 'static> Pool<S> {
-    fn new(threads: usize) -> Self {
+    fn new() -> Self {
+        Pool {
+            jobs: None,
+            threads: Vec::new(),
+        }
+    }
+
+    fn start(&mut self) {
+        let threads = workers();
         let (jobs, queue) = mpsc::sync_channel::<Job<S>>(threads);
         let queue = Arc::new(Mutex::new(queue));
-        let threads = (0..threads)
+        self.threads = (0..threads)
             .map(|_| {
                 let queue = Arc::clone(&queue);
                 std::thread::spawn(move || {
@@ -70,14 +80,14 @@ impl<S: Default + 'static> Pool<S> {
                 })
             })
             .collect();
-        Pool {
-            jobs: Some(jobs),
-            threads,
-        }
+        self.jobs = Some(jobs);
     }
 
     /// Runs `work` on a pool thread; its result arrives on the returned receiver.
-    fn submit<T: Send + 'static>(&self, work: impl FnOnce(&mut S) -> T + Send + 'static) -> Receiver<T> {
+    fn submit<T: Send + 'static>(&mut self, work: impl FnOnce(&mut S) -> T + Send + 'static) -> Receiver<T> {
+        if self.jobs.is_none() {
+            self.start();
+        }
         let (result, receiver) = mpsc::sync_channel(1);
         let job: Job<S> = Box::new(move |state| {
             let _ = result.send(work(state));
@@ -132,7 +142,8 @@ fn zero_payload(len: usize) -> Vec<u8> {
     payload
 }
 
-pub(crate) fn is_zero(data: &[u8]) -> bool {
+/// Whether `data` is all zero bytes, a word at a time.
+pub fn is_zero(data: &[u8]) -> bool {
     let mut words = data.chunks_exact(16);
     words
         .by_ref()
@@ -210,7 +221,7 @@ pub struct PbzeWriter<W: Write> {
     pool: Pool<LzfseEncoder>,
     depth: usize,
     pending: VecDeque<Pending<(usize, Vec<u8>)>>,
-    zero_payload: Vec<u8>,
+    zero_payload: OnceCell<Vec<u8>>,
     written: u64,
 }
 
@@ -223,15 +234,14 @@ impl<W: Write> PbzeWriter<W> {
         assert!(block_size > 0 && block_size as u64 <= MAX_BLOCK_SIZE);
         output.write_all(MAGIC)?;
         output.write_all(&(block_size as u64).to_be_bytes())?;
-        let threads = workers();
         Ok(PbzeWriter {
             output,
             block_size,
             current: Vec::with_capacity(block_size),
-            pool: Pool::new(threads),
-            depth: pipeline_depth(block_size as u64, threads),
+            pool: Pool::new(),
+            depth: pipeline_depth(block_size as u64, workers()),
             pending: VecDeque::new(),
-            zero_payload: zero_payload(block_size),
+            zero_payload: OnceCell::new(),
             written: 12,
         })
     }
@@ -241,10 +251,14 @@ impl<W: Write> PbzeWriter<W> {
         self.written
     }
 
+    fn zero_block(&self) -> Vec<u8> {
+        self.zero_payload.get_or_init(|| zero_payload(self.block_size)).clone()
+    }
+
     fn submit_current(&mut self) -> io::Result<()> {
         let raw = std::mem::replace(&mut self.current, Vec::with_capacity(self.block_size));
         let pending = if raw.len() == self.block_size && is_zero(&raw) {
-            Pending::Ready((raw.len(), self.zero_payload.clone()))
+            Pending::Ready((raw.len(), self.zero_block()))
         } else {
             Pending::Working(
                 self.pool
@@ -309,7 +323,7 @@ impl<W: Write> crate::Sink for PbzeWriter<W> {
     fn write_zeros(&mut self, mut len: u64) -> io::Result<()> {
         while len > 0 {
             if self.current.is_empty() && len >= self.block_size as u64 {
-                self.push(Pending::Ready((self.block_size, self.zero_payload.clone())))?;
+                self.push(Pending::Ready((self.block_size, self.zero_block())))?;
                 len -= self.block_size as u64;
                 continue;
             }
@@ -334,7 +348,7 @@ pub(crate) struct PbzeBlocks<R: Read> {
     depth: usize,
     pending: VecDeque<Pending<Result<Block>>>,
     input_done: bool,
-    zero_payload: Vec<u8>,
+    zero_payload: OnceCell<Vec<u8>>,
 }
 
 impl<R: Read> PbzeBlocks<R> {
@@ -347,15 +361,14 @@ impl<R: Read> PbzeBlocks<R> {
                 "the archive declares blocks of {block_size} bytes (at most {MAX_BLOCK_SIZE} are accepted)"
             )));
         }
-        let threads = workers();
         Ok(PbzeBlocks {
             input,
             block_size,
-            pool: Pool::new(threads),
-            depth: pipeline_depth(block_size, threads),
+            pool: Pool::new(),
+            depth: pipeline_depth(block_size, workers()),
             pending: VecDeque::new(),
             input_done: false,
-            zero_payload: zero_payload(block_size as usize),
+            zero_payload: OnceCell::new(),
         })
     }
 
@@ -389,7 +402,9 @@ impl<R: Read> PbzeBlocks<R> {
         let raw_size = raw_size as usize;
         let pending = if payload_size as usize == raw_size {
             Pending::Ready(Ok(Block::Bytes(payload)))
-        } else if raw_size as u64 == self.block_size && payload == self.zero_payload {
+        } else if raw_size as u64 == self.block_size
+            && payload == *self.zero_payload.get_or_init(|| zero_payload(raw_size))
+        {
             Pending::Ready(Ok(Block::Zeros(raw_size)))
         } else {
             Pending::Working(

@@ -19,7 +19,9 @@ fn default_user_data_is_the_tart_convention() {
     assert!(text.contains("NOPASSWD:ALL"));
     assert!(text.contains("password: admin"));
     assert!(text.contains("      - \"ssh-ed25519 AAAA me@host\"\n"));
-    assert!(!String::from_utf8(default_user_data(&[])).unwrap().contains("ssh_authorized_keys"));
+    assert!(!String::from_utf8(default_user_data(&[]))
+        .unwrap()
+        .contains("ssh_authorized_keys"));
 }
 
 #[test]

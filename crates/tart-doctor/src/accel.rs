@@ -67,7 +67,10 @@ fn kvm_module() -> &'static str {
 fn nested(arch: Arch) -> Check {
     const NESTED: &str = "nested";
     if arch == Arch::Arm64 {
-        return Check::ok(NESTED, "arm64 guests get EL2 with tart run --nested where the host CPU has it");
+        return Check::ok(
+            NESTED,
+            "arm64 guests get EL2 with tart run --nested where the host CPU has it",
+        );
     }
     let module = kvm_module();
     let parameter = Path::new("/sys/module").join(module).join("parameters/nested");
@@ -75,7 +78,10 @@ fn nested(arch: Arch) -> Check {
         Ok(value) if value == "Y" || value == "1" => Check::ok(NESTED, "enabled: tart run --nested works"),
         _ => Check::warning(
             NESTED,
-            format!("nested virtualization is off ({}): tart run --nested cannot be used", parameter.display()),
+            format!(
+                "nested virtualization is off ({}): tart run --nested cannot be used",
+                parameter.display()
+            ),
             format!(
                 "echo \"options {module} nested=1\" >/etc/modprobe.d/tart-nested.conf && modprobe -r {module} && \
                  modprobe {module}"

@@ -14,7 +14,9 @@ pub fn checks(host: &HostInfo, net_admin: bool) -> Vec<Check> {
 fn vsock(host: &HostInfo) -> Check {
     const NAME: &str = "vsock";
     match VsockDevice::choose(host, false) {
-        Some(VsockDevice::Kernel { .. }) => Check::ok(NAME, "kernel vhost-vsock (/dev/vhost-vsock) for the guest agent"),
+        Some(VsockDevice::Kernel { .. }) => {
+            Check::ok(NAME, "kernel vhost-vsock (/dev/vhost-vsock) for the guest agent")
+        }
         Some(VsockDevice::VhostUser { binary }) => Check::warning(
             NAME,
             format!(
@@ -39,7 +41,10 @@ fn vhost_net() -> Check {
         Check::ok(NAME, "/dev/vhost-net is present")
     } else {
         // QEMU serves virtio-net itself for tart's NICs; vhost-net would only offload it.
-        Check::ok(NAME, "no /dev/vhost-net; not needed: QEMU serves tart's virtio-net NICs itself")
+        Check::ok(
+            NAME,
+            "no /dev/vhost-net; not needed: QEMU serves tart's virtio-net NICs itself",
+        )
     }
 }
 

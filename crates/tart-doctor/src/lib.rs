@@ -52,29 +52,20 @@ impl Check {
     }
 
     fn warning(name: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check {
-            name,
-            status: Status::Warning,
-            message: message.into(),
-            fix: Some(fix.into()),
-        }
+        Check::needed(false, name, message, fix)
     }
 
     fn problem(name: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Check {
-        Check {
-            name,
-            status: Status::Problem,
-            message: message.into(),
-            fix: Some(fix.into()),
-        }
+        Check::needed(true, name, message, fix)
     }
 
     /// A problem where `needed`, else a warning: what only some VMs need.
     fn needed(needed: bool, name: &'static str, message: impl Into<String>, fix: impl Into<String>) -> Check {
-        if needed {
-            Check::problem(name, message, fix)
-        } else {
-            Check::warning(name, message, fix)
+        Check {
+            name,
+            status: if needed { Status::Problem } else { Status::Warning },
+            message: message.into(),
+            fix: Some(fix.into()),
         }
     }
 }

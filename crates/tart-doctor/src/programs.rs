@@ -21,7 +21,10 @@ pub fn qemu(host: &HostInfo) -> Vec<Check> {
     };
     let native = emulator(host, host.arch);
     let foreign = match host.qemu_binary(other) {
-        Ok(binary) => Check::ok("QEMU (emulated)", format!("{} VMs: {}", other.as_str(), binary.display())),
+        Ok(binary) => Check::ok(
+            "QEMU (emulated)",
+            format!("{} VMs: {}", other.as_str(), binary.display()),
+        ),
         Err(_) => {
             let (binary, package) = qemu_binary_name(other);
             Check::warning(
@@ -46,7 +49,13 @@ fn emulator(host: &HostInfo, arch: Arch) -> Check {
     let Some((major, minor, text)) = version.as_deref().ok().and_then(parse_version) else {
         return Check::problem(
             NAME,
-            format!("{} does not run: {}", binary.display(), version.err().unwrap_or_else(|| "no version in its --version output".into())),
+            format!(
+                "{} does not run: {}",
+                binary.display(),
+                version
+                    .err()
+                    .unwrap_or_else(|| "no version in its --version output".into())
+            ),
             format!("apt-get install --reinstall {package}"),
         );
     };
@@ -55,10 +64,16 @@ fn emulator(host: &HostInfo, arch: Arch) -> Check {
         Arch::Arm64 => "virt",
     };
     let machines = output(&binary, &["-machine", "help"]).unwrap_or_default();
-    if !machines.lines().any(|line| line.split_whitespace().next() == Some(machine)) {
+    if !machines
+        .lines()
+        .any(|line| line.split_whitespace().next() == Some(machine))
+    {
         return Check::problem(
             NAME,
-            format!("{} {text} has no machine type {machine}, which tart's VMs use", binary.display()),
+            format!(
+                "{} {text} has no machine type {machine}, which tart's VMs use",
+                binary.display()
+            ),
             install,
         );
     }
@@ -66,7 +81,10 @@ fn emulator(host: &HostInfo, arch: Arch) -> Check {
     if (major, minor) < TESTED_QEMU {
         return Check::warning(
             NAME,
-            format!("{message}: older than {}.{}, which tart is tested with", TESTED_QEMU.0, TESTED_QEMU.1),
+            format!(
+                "{message}: older than {}.{}, which tart is tested with",
+                TESTED_QEMU.0, TESTED_QEMU.1
+            ),
             format!("apt-get install -t <newer release> {package}"),
         );
     }
@@ -151,8 +169,8 @@ pub fn network_tools(net_admin: bool) -> Check {
 /// through it.
 pub fn firewall() -> Check {
     const NAME: &str = "firewall";
-    let bridge_calls_iptables = std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables")
-        .is_ok_and(|value| value.trim() == "1");
+    let bridge_calls_iptables =
+        std::fs::read_to_string("/proc/sys/net/bridge/bridge-nf-call-iptables").is_ok_and(|value| value.trim() == "1");
     let br_netfilter = if bridge_calls_iptables {
         "br_netfilter passes bridged traffic through iptables"
     } else {
@@ -163,7 +181,12 @@ pub fn firewall() -> Check {
     };
     let rules = match output(&iptables, &["-S", "FORWARD"]) {
         Ok(rules) => rules,
-        Err(err) => return Check::ok(NAME, format!("cannot read iptables' FORWARD chain ({err}); {br_netfilter}")),
+        Err(err) => {
+            return Check::ok(
+                NAME,
+                format!("cannot read iptables' FORWARD chain ({err}); {br_netfilter}"),
+            )
+        }
     };
     if !rules.lines().any(|line| line.trim() == "-P FORWARD DROP") {
         return Check::ok(NAME, format!("iptables' FORWARD policy accepts; {br_netfilter}"));

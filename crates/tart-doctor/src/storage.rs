@@ -26,7 +26,9 @@ pub fn checks(home: &TartHome, net_admin: bool) -> Vec<Check> {
 }
 
 fn device(path: &Path) -> Option<u64> {
-    std::fs::metadata(path).ok().map(|m| std::os::unix::fs::MetadataExt::dev(&m))
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::dev(&m))
 }
 
 /// Bytes available to this user on the file system of `path`.
@@ -42,10 +44,19 @@ fn available(path: &Path) -> std::io::Result<u64> {
 }
 
 fn space(name: &'static str, path: &Path) -> Check {
-    let fix = format!("free space on the file system of {}, or point TART_HOME elsewhere", path.display());
+    let fix = format!(
+        "free space on the file system of {}, or point TART_HOME elsewhere",
+        path.display()
+    );
     let bytes = match available(path) {
         Ok(bytes) => bytes,
-        Err(err) => return Check::problem(name, format!("cannot read the free space of {}: {err}", path.display()), fix),
+        Err(err) => {
+            return Check::problem(
+                name,
+                format!("cannot read the free space of {}: {err}", path.display()),
+                fix,
+            )
+        }
     };
     let message = format!("{:.1} GiB free in {}", bytes as f64 / GIB as f64, path.display());
     match bytes {
@@ -72,10 +83,18 @@ fn subnet(home: &Path, net_admin: bool) -> Check {
     };
     let clashes = match tart_net::overlapping_routes(settings.subnet) {
         Ok(clashes) => clashes,
-        Err(err) => return Check::ok(NAME, format!("{}; cannot read the host's routes: {err}", settings.subnet)),
+        Err(err) => {
+            return Check::ok(
+                NAME,
+                format!("{}; cannot read the host's routes: {err}", settings.subnet),
+            )
+        }
     };
     let Some(clash) = clashes.first() else {
-        return Check::ok(NAME, format!("{} is not routed elsewhere on this host", settings.subnet));
+        return Check::ok(
+            NAME,
+            format!("{} is not routed elsewhere on this host", settings.subnet),
+        );
     };
     let free = ["192.168.64.0/24", "10.77.0.0/24", "172.30.64.0/24", "10.203.0.0/24"]
         .iter()

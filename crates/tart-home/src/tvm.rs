@@ -13,7 +13,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use apple_archive::{ArchiveReader, ArchiveWriter, EntryType, Header, Key, PbzeWriter, Piece, Value};
+use apple_archive::{is_zero, ArchiveReader, ArchiveWriter, EntryType, Header, Key, PbzeWriter, Piece, Value};
 
 use crate::error::io_context;
 use crate::{Error, Result, TartHome, VmDir};
@@ -193,10 +193,6 @@ fn read_at_most(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         }
     }
     Ok(filled)
-}
-
-fn is_zero(data: &[u8]) -> bool {
-    data.iter().all(|&b| b == 0)
 }
 
 fn archive_error(path: &Path) -> impl FnOnce(apple_archive::Error) -> Error + '_ {

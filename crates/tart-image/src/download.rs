@@ -36,16 +36,21 @@ pub fn download(
     }
     let key = hex(&Sha256::digest(url.as_bytes()));
     let cached = cache.images.join(&key);
-    if cached.join(IMAGE).is_file() {
+    let usable = || {
         let sha256 = fs::read_to_string(cached.join(SHA256)).unwrap_or_default();
-        if expected.as_deref().is_none_or(|hex| hex == sha256.trim()) {
-            return Ok(cached.join(IMAGE));
-        }
+        cached.join(IMAGE).is_file() && expected.as_deref().is_none_or(|hex| hex == sha256.trim())
+    };
+    if usable() {
+        return Ok(cached.join(IMAGE));
     }
-
     let staging = StagingDir::resumable(cache.tmp.join(format!("{DOWNLOAD_STAGING_PREFIX}{key}")), || {
         progress.line(&format!("waiting for another download of {url}..."))
     })?;
+    // The download we waited for may have been this one.
+    if usable() {
+        staging.discard();
+        return Ok(cached.join(IMAGE));
+    }
     let partial = staging.path().join("partial");
     progress.line(&format!("downloading {url}..."));
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -93,7 +98,8 @@ pub fn download(
 /// Appends the rest of `url` to `partial`: from where an earlier attempt stopped when the server
 /// takes a `Range`, from the start when it does not.
 async fn fetch(url: &str, partial: &Path, progress: &dyn Progress) -> Result<()> {
-    let failed = |err: reqwest::Error| refused(format!("failed to download {url}: {}", error_chain(&err)));
+    // reqwest's own message ("error sending request") hides the cause ("connection refused").
+    let failed = |err: reqwest::Error| refused(format!("failed to download {url}: {:#}", anyhow::Error::from(err)));
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(30))
         .read_timeout(Duration::from_secs(60))
@@ -200,16 +206,4 @@ fn file_sha256(path: &Path) -> Result<String> {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// reqwest's top-level message ("error sending request") hides the cause ("connection refused").
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

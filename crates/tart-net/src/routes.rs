@@ -33,7 +33,11 @@ fn parse_routes(table: &str) -> Vec<Route> {
         .skip(1)
         .filter_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let address = |field: &str| u32::from_str_radix(field, 16).ok().map(|word| Ipv4Addr::from(word.to_ne_bytes()));
+            let address = |field: &str| {
+                u32::from_str_radix(field, 16)
+                    .ok()
+                    .map(|word| Ipv4Addr::from(word.to_ne_bytes()))
+            };
             let network = address(fields.get(1)?)?;
             let mask = u32::from(address(fields.get(7)?)?);
             Some(Route {

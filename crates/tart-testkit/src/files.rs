@@ -79,7 +79,11 @@ fn serve(stream: TcpStream, root: &std::path::Path, state: &Mutex<State>) -> std
             }
         }
     }
-    state.lock().unwrap().requests.push((request.trim().to_owned(), range.clone()));
+    state
+        .lock()
+        .unwrap()
+        .requests
+        .push((request.trim().to_owned(), range.clone()));
     let path = request.split_whitespace().nth(1).unwrap_or("/").trim_start_matches('/');
     if path.is_empty() {
         let page = "<html><body>Index of /</body></html>";
@@ -90,7 +94,10 @@ fn serve(stream: TcpStream, root: &std::path::Path, state: &Mutex<State>) -> std
         );
     }
     let Ok(mut file) = std::fs::File::open(root.join(path)) else {
-        return write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        return write!(
+            out,
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
     };
     let len = file.metadata()?.len();
     let start = range
@@ -100,7 +107,10 @@ fn serve(stream: TcpStream, root: &std::path::Path, state: &Mutex<State>) -> std
         .and_then(|r| r.parse::<u64>().ok());
     let head = match start {
         Some(start) if start >= len => {
-            return write!(out, "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            return write!(
+                out,
+                "HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            );
         }
         Some(start) => format!(
             "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {start}-{}/{len}\r\nContent-Length: {}\r\n",
@@ -109,7 +119,10 @@ fn serve(stream: TcpStream, root: &std::path::Path, state: &Mutex<State>) -> std
         ),
         None => format!("HTTP/1.1 200 OK\r\nContent-Length: {len}\r\n"),
     };
-    write!(out, "{head}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n")?;
+    write!(
+        out,
+        "{head}Content-Type: application/octet-stream\r\nConnection: close\r\n\r\n"
+    )?;
     let start = start.unwrap_or(0);
     file.seek(SeekFrom::Start(start))?;
     let limit = {

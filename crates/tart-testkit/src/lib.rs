@@ -25,6 +25,7 @@ mod token;
 
 pub use files::FileServer;
 pub use netlab::NetLab;
+pub use process::in_private_mounts;
 pub use proxy::{FaultProxy, ProxiedRequest};
 pub use registry::Registry;
 pub use token::{TokenOptions, TokenRequest};
@@ -46,19 +47,7 @@ pub fn test_guest_image() -> &'static Path {
 pub fn test_guest_image_with_agent() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE.get_or_init(|| {
-        let out = Command::new(repo_root().join("scripts/guest/build-agent"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/guest/build-agent");
-        assert!(out.status.success(), "build-agent failed");
-        let stdout = String::from_utf8(out.stdout).expect("build-agent prints a path");
-        let agent = PathBuf::from(
-            stdout
-                .lines()
-                .last()
-                .expect("build-agent prints the binary's path")
-                .trim(),
-        );
+        let agent = path_printed_by("scripts/guest/build-agent");
         build_guest("test-agent.img", Some(&agent))
     })
 }
@@ -67,15 +56,24 @@ pub fn test_guest_image_with_agent() -> &'static Path {
 /// cloud-init, sshd and our agent), built on first use and cached in `build/debian` by its inputs.
 pub fn debian_image() -> &'static Path {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let out = Command::new(repo_root().join("scripts/guest/build-debian-image"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run scripts/guest/build-debian-image");
-        assert!(out.status.success(), "build-debian-image failed");
-        let stdout = String::from_utf8(out.stdout).expect("build-debian-image prints a path");
-        PathBuf::from(stdout.lines().last().expect("build-debian-image prints the image's path").trim())
-    })
+    IMAGE.get_or_init(|| path_printed_by("scripts/guest/build-debian-image"))
+}
+
+/// Runs one of the repository's build scripts, which print what they built as their last line.
+fn path_printed_by(script: &str) -> PathBuf {
+    let out = Command::new(repo_root().join(script))
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|err| panic!("run {script}: {err}"));
+    assert!(out.status.success(), "{script} failed");
+    let stdout = String::from_utf8(out.stdout).expect("a path in UTF-8");
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or_else(|| panic!("{script} printed no path"))
+            .trim(),
+    )
 }
 
 fn repo_root() -> PathBuf {

@@ -90,3 +90,18 @@ impl Drop for Supervised {
         }
     }
 }
+
+/// Runs the shell `script` with `args` as `$1`… in a private mount namespace, where it may mount
+/// a small tmpfs to run tart out of space without touching the host's mounts. The script must
+/// succeed; its stdout and stderr.
+pub fn in_private_mounts(script: &str, args: &[&std::ffi::OsStr]) -> (String, String) {
+    let out = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
+        .args(args)
+        .output()
+        .expect("unshare (util-linux) runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    (stdout, stderr)
+}

@@ -88,6 +88,24 @@ fn same_contents(a: &Path, b: &Path) -> bool {
     })
 }
 
+/// Runs `command` to success; its wall time and peak resident memory. The child is reaped with
+/// wait4, which reports its own peak (getrusage(RUSAGE_CHILDREN) would mix in other tests' VMs).
+#[allow(clippy::zombie_processes)]
+fn measured(command: &mut Command) -> (Duration, u64) {
+    let started = Instant::now();
+    let child = command.stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{command:?} failed"
+    );
+    (started.elapsed(), usage.ru_maxrss as u64 * 1024)
+}
+
 #[test]
 fn twenty_gb_sparse_disk_round_trips() {
     let home = Home::empty();
@@ -110,21 +128,29 @@ fn twenty_gb_sparse_disk_round_trips() {
         file.sync_all().unwrap();
     }
     let tvm = home.dir.path().join("src.tvm");
-    let started = Instant::now();
-    let out = home.ok(&["export", "src", tvm.to_str().unwrap()]);
-    let export_time = started.elapsed();
+    let out = home.ok(&["export", "src", home.dir.path().join("first.tvm").to_str().unwrap()]);
     assert!(out.starts_with("exporting...\n"), "{out}");
+    let (export_time, export_rss) = measured(home.tart().args(["export", "src", tvm.to_str().unwrap()]));
     let mut magic = [0u8; 4];
     File::open(&tvm).unwrap().read_exact(&mut magic).unwrap();
     assert_eq!(&magic, b"pbze");
     let archive_size = fs::metadata(&tvm).unwrap().len();
     assert!(archive_size < 80 << 20, "{archive_size} bytes for 76 MiB of data");
 
-    let started = Instant::now();
-    let out = home.ok(&["import", tvm.to_str().unwrap(), "copy"]);
-    let import_time = started.elapsed();
+    let (import_time, import_rss) = measured(home.tart().args(["import", tvm.to_str().unwrap(), "copy"]));
+    eprintln!(
+        "export {export_time:?} (peak RSS {} MiB), import {import_time:?} (peak RSS {} MiB), archive {archive_size} bytes",
+        export_rss >> 20,
+        import_rss >> 20
+    );
+    // Memory stays bounded whatever the disk size: a few blocks in flight per core.
+    assert!(
+        export_rss < 256 << 20 && import_rss < 256 << 20,
+        "{export_rss} / {import_rss}"
+    );
+    let out = home.ok(&["import", home.dir.path().join("first.tvm").to_str().unwrap(), "other"]);
     assert!(out.starts_with("importing...\n"), "{out}");
-    eprintln!("export {export_time:?}, import {import_time:?}, archive {archive_size} bytes");
+    home.ok(&["delete", "other"]);
 
     let (src, copy) = (vm_dir(&home, "src"), vm_dir(&home, "copy"));
     assert!(same_contents(&src.join("disk.img"), &copy.join("disk.img")));
@@ -170,7 +196,10 @@ fn a_running_vm_exports_and_its_import_boots() {
     common::stop(&home, "guest", run);
 
     home.ok(&["import", tvm.to_str().unwrap(), "imported"]);
-    assert!(!vm_dir(&home, "imported").join("control.sock").exists(), "sockets are not archived");
+    assert!(
+        !vm_dir(&home, "imported").join("control.sock").exists(),
+        "sockets are not archived"
+    );
     let run = home.run_vm("imported", 2, &[]);
     wait_for(&home.serial(2), "TART-TEST-GUEST: booted");
     common::stop(&home, "imported", run);
@@ -207,18 +236,36 @@ fn a_killed_export_leaves_no_archive() {
     let home = Home::empty();
     home.ok(&["create", "--linux", "--disk-size", "2", "vm"]);
     let disk = vm_dir(&home, "vm").join("disk.img");
+    // Text compresses slowly enough (LZFSE) for the export to be caught halfway.
+    let text = b"tart export, killed halfway ".repeat(300_000);
     let file = OpenOptions::new().write(true).open(&disk).unwrap();
-    for i in 0..64u64 {
-        file.write_all_at(&pseudo_random(8 << 20, i), i * (16 << 20)).unwrap();
+    for i in 0..128u64 {
+        file.write_all_at(&text, i * text.len() as u64).unwrap();
     }
     let out_dir = tempfile::tempdir().unwrap();
     let tvm = out_dir.path().join("vm.tvm");
-    let mut export = home.tart().args(["export", "vm", tvm.to_str().unwrap()]).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(700));
+    let mut export = home
+        .tart()
+        .args(["export", "vm", tvm.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Progress lines (CI is set): kill once the export is under way but not done.
+    let stdout = std::io::BufReader::new(export.stdout.take().unwrap());
+    let progress = std::io::BufRead::lines(stdout)
+        .map(Result::unwrap)
+        .find(|line| line.ends_with('%') && line != "0%")
+        .unwrap();
+    assert_ne!(
+        progress, "100%",
+        "the export finished before it could be killed: make the disk larger"
+    );
     export.kill().unwrap();
-    let status = export.wait().unwrap();
-    assert!(!status.success(), "the export finished before it was killed: make the disk larger");
-    let left: Vec<_> = fs::read_dir(out_dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    export.wait().unwrap();
+    let left: Vec<_> = fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert!(left.is_empty(), "a killed export leaves nothing: {left:?}");
 }
 
@@ -263,7 +310,13 @@ fn bad_archives_get_one_clear_line_and_leave_nothing() {
     let absolute = dir.join("absolute.tvm");
     craft(&absolute, &[(file_entry("/tmp/evil", b"x"), b"x")]);
     let dotdot = dir.join("dotdot.tvm");
-    craft(&dotdot, &[(file_entry("config.json", &config), &config), (file_entry("../evil", b"x"), b"x")]);
+    craft(
+        &dotdot,
+        &[
+            (file_entry("config.json", &config), &config),
+            (file_entry("../evil", b"x"), b"x"),
+        ],
+    );
     let symlink = dir.join("symlink.tvm");
     craft(&symlink, &[(symlink_entry("disk.img", "/etc/passwd"), b"")]);
     let escaping = dir.join("escaping.tvm");
@@ -291,7 +344,11 @@ fn bad_archives_get_one_clear_line_and_leave_nothing() {
         (&apple_made, "it has no config.json"),
         (&dir.join("missing.tvm"), "failed to open"),
     ] {
-        let stderr = fails_with(home.tart().args(["import", archive.to_str().unwrap(), "new"]), 1, needle);
+        let stderr = fails_with(
+            home.tart().args(["import", archive.to_str().unwrap(), "new"]),
+            1,
+            needle,
+        );
         assert_eq!(stderr.lines().count(), 1, "{}: {stderr}", archive.display());
         assert_eq!(vm_names(&home), ["vm"], "{}", archive.display());
         home.ok(&["list"]);
@@ -330,15 +387,7 @@ fn full_disk_during_import_fails_cleanly() {
         echo "tmp-entries=$(ls -A "$TART_HOME/tmp" | wc -l)"
     "#;
     fs::create_dir(dir.path().join("mnt")).unwrap();
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
-        .arg(dir.path())
-        .arg(&tart)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = tart_testkit::in_private_mounts(script, &[dir.path().as_os_str(), tart.as_os_str()]);
     assert!(stdout.contains("import-exit=1"), "{stdout}");
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");

@@ -3,13 +3,23 @@
 
 use std::os::unix::fs::symlink;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 mod common;
 use common::Home;
 
-fn json(out: &Output) -> serde_json::Value {
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+/// Runs `command` (a `tart` with its arguments up to `doctor`) with `--format json`: its exit
+/// status and report.
+fn doctor_json(command: &mut Command) -> (i32, serde_json::Value) {
+    let out = command.args(["--format", "json"]).output().unwrap();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{e}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap(), report)
 }
 
 fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
@@ -22,21 +32,25 @@ fn check<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value
 }
 
 fn kvm_opens() -> bool {
-    std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok()
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
 }
 
 fn cpu_has_vmx_or_svm() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo").unwrap().lines().any(|line| {
-        line.starts_with("flags") && line.split_whitespace().any(|flag| flag == "vmx" || flag == "svm")
-    })
+    std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap()
+        .lines()
+        .any(|line| line.starts_with("flags") && line.split_whitespace().any(|flag| flag == "vmx" || flag == "svm"))
 }
 
 #[test]
 fn doctor_describes_this_host() {
     let home = Home::empty();
-    let out = home.tart().args(["doctor", "--format", "json"]).output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let (code, report) = doctor_json(home.tart().arg("doctor"));
+    assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["can_run_vms"], true);
     let problems: Vec<_> = report["checks"]
         .as_array()
@@ -51,7 +65,10 @@ fn doctor_describes_this_host() {
     if kvm_opens() && !cpu_has_vmx_or_svm() {
         // This project's machines: PVM, which stock guests cannot use.
         assert_eq!(accel["status"], "warning", "{accel}");
-        assert!(message.contains("paravirtual KVM") && message.contains("TCG"), "{message}");
+        assert!(
+            message.contains("paravirtual KVM") && message.contains("TCG"),
+            "{message}"
+        );
         if Path::new("/sys/module/kvm_pvm").exists() {
             assert!(message.contains("PVM (module kvm_pvm)"), "{message}");
         }
@@ -73,7 +90,14 @@ fn doctor_describes_this_host() {
         );
         assert_eq!(vsock["fix"], "modprobe vhost_vsock");
     }
-    for name in ["QEMU", "UEFI firmware", "network tools", "TART_HOME", "subnet", "CAP_NET_ADMIN"] {
+    for name in [
+        "QEMU",
+        "UEFI firmware",
+        "network tools",
+        "TART_HOME",
+        "subnet",
+        "CAP_NET_ADMIN",
+    ] {
         assert_eq!(check(&report, name)["status"], "ok", "{name}: {report:#}");
     }
 
@@ -83,17 +107,25 @@ fn doctor_describes_this_host() {
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines.iter().any(|line| line.starts_with("warning  vsock ")) || Path::new("/dev/vhost-vsock").exists());
-    assert!(lines
+    assert!(lines.iter().all(|line| ["ok ", "warning ", "problem ", " "]
         .iter()
-        .all(|line| ["ok ", "warning ", "problem ", " "].iter().any(|start| line.starts_with(start))
-            || line.starts_with("This host can run VMs")));
+        .any(|start| line.starts_with(start))
+        || line.starts_with("This host can run VMs")));
     assert!(lines.last().unwrap().starts_with("This host can run VMs"), "{text}");
 }
 
 /// A `PATH` with the programs tart needs but `left_out`.
 fn path_without(dir: &Path, left_out: &[&str]) -> String {
     // setpriv: the unprivileged case runs tart through it.
-    for program in ["qemu-system-x86_64", "qemu-system-aarch64", "ip", "nft", "dnsmasq", "dhcp_release", "setpriv"] {
+    for program in [
+        "qemu-system-x86_64",
+        "qemu-system-aarch64",
+        "ip",
+        "nft",
+        "dnsmasq",
+        "dhcp_release",
+        "setpriv",
+    ] {
         if left_out.contains(&program) {
             continue;
         }
@@ -111,9 +143,8 @@ fn missing_network_tools_name_their_packages() {
     let path = path_without(bin.path(), &["dnsmasq", "nft"]);
 
     // As root the shared network is the default: tart run would fail.
-    let out = home.tart().env("PATH", &path).args(["doctor", "--format", "json"]).output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let (code, report) = doctor_json(home.tart().env("PATH", &path).arg("doctor"));
+    assert_eq!(code, 1, "{report:#}");
     assert_eq!(report["can_run_vms"], false);
     let tools = check(&report, "network tools");
     assert_eq!(tools["status"], "problem");
@@ -127,21 +158,22 @@ fn missing_network_tools_name_their_packages() {
     let out = home.tart().env("PATH", &path).arg("doctor").output().unwrap();
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("fix: apt-get install nftables dnsmasq-base"), "{text}");
-    assert!(text.contains("This host cannot run VMs: fix the 1 problem(s) above"), "{text}");
+    assert!(
+        text.contains("This host cannot run VMs: fix the 1 problem(s) above"),
+        "{text}"
+    );
 
     // Without CAP_NET_ADMIN VMs use user-mode networking: only a warning.
-    let out = home.tart_without_net_admin().env("PATH", &path).args(["doctor", "--format", "json"]).output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(0), "{report:#}");
+    let (code, report) = doctor_json(home.tart_without_net_admin().env("PATH", &path).arg("doctor"));
+    assert_eq!(code, 0, "{report:#}");
     assert_eq!(check(&report, "network tools")["status"], "warning");
     assert_eq!(check(&report, "CAP_NET_ADMIN")["status"], "warning");
 
     // No QEMU for the host's architecture: nothing can run.
     let bin = tempfile::tempdir().unwrap();
     let path = path_without(bin.path(), &["qemu-system-x86_64"]);
-    let out = home.tart().env("PATH", &path).args(["doctor", "--format", "json"]).output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let (code, report) = doctor_json(home.tart().env("PATH", &path).arg("doctor"));
+    assert_eq!(code, 1, "{report:#}");
     assert_eq!(check(&report, "QEMU")["fix"], "apt-get install qemu-system-x86");
 }
 
@@ -159,15 +191,15 @@ fn subnet_clashing_with_a_host_route() {
         .args(["--net", "sh", "-c"])
         .arg(
             "ip link add clash0 type bridge && ip addr add 10.77.0.9/16 dev clash0 && ip link set clash0 up && \
-             exec \"$0\" doctor --format json",
+             exec \"$0\" \"$@\"",
         )
-        .arg(tart.get_program());
+        .arg(tart.get_program())
+        .arg("doctor");
     for (key, value) in tart.get_envs() {
         doctor.env(key, value.unwrap());
     }
-    let out = doctor.output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let (code, report) = doctor_json(&mut doctor);
+    assert_eq!(code, 1, "{report:#}");
     let subnet = check(&report, "subnet");
     assert_eq!(subnet["status"], "problem");
     assert_eq!(
@@ -176,13 +208,21 @@ fn subnet_clashing_with_a_host_route() {
     );
     assert_eq!(
         subnet["fix"],
-        format!("echo '{{\"subnet\": \"192.168.64.0/24\"}}' >{}", tart_home.join("network.json").display())
+        format!(
+            "echo '{{\"subnet\": \"192.168.64.0/24\"}}' >{}",
+            tart_home.join("network.json").display()
+        )
     );
 
     std::fs::write(tart_home.join("network.json"), r#"{"subnet": "8.8.8.0/24"}"#).unwrap();
-    let out = home.tart().args(["doctor", "--format", "json"]).output().unwrap();
-    let report = json(&out);
-    assert_eq!(out.status.code(), Some(1), "{report:#}");
+    let (code, report) = doctor_json(home.tart().arg("doctor"));
+    assert_eq!(code, 1, "{report:#}");
     let subnet = check(&report, "subnet");
-    assert!(subnet["message"].as_str().unwrap().contains("not a private (RFC 1918) network"), "{subnet}");
+    assert!(
+        subnet["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a private (RFC 1918) network"),
+        "{subnet}"
+    );
 }

@@ -40,14 +40,27 @@ fn succeed(cmd: &mut Command) -> String {
 
 /// `sh -c script` in the guest through the agent; its stdout, which must be a success.
 fn guest(home: &Home, vm: &str, script: &str) -> String {
-    succeed(home.tart().args(["exec", vm, "sh", "-c", script])).trim().to_owned()
+    succeed(home.tart().args(["exec", vm, "sh", "-c", script]))
+        .trim()
+        .to_owned()
 }
 
 /// Waits for the agent, then for cloud-init to finish; its status must be `done`.
 fn wait_for_cloud_init(home: &Home, vm: &str) {
     let started = Instant::now();
-    home.ok(&["ip", "--resolver", "agent", "--wait", &CLOUD_INIT_TIMEOUT.as_secs().to_string(), vm]);
-    let out = home.tart().args(["exec", vm, "cloud-init", "status", "--wait"]).output().unwrap();
+    home.ok(&[
+        "ip",
+        "--resolver",
+        "agent",
+        "--wait",
+        &CLOUD_INIT_TIMEOUT.as_secs().to_string(),
+        vm,
+    ]);
+    let out = home
+        .tart()
+        .args(["exec", vm, "cloud-init", "status", "--wait"])
+        .output()
+        .unwrap();
     let text = output_text(&out);
     assert!(text.contains("status: done"), "cloud-init in {vm}: {text}");
     eprintln!("{vm}: cloud-init done {:.0?} after tart run", started.elapsed());
@@ -57,9 +70,11 @@ fn wait_for_cloud_init(home: &Home, vm: &str) {
 fn user_with_key() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join(".ssh")).unwrap();
-    succeed(Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-C", "tester", "-f"]).arg(
-        dir.path().join(".ssh/id_ed25519"),
-    ));
+    succeed(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "tester", "-f"])
+            .arg(dir.path().join(".ssh/id_ed25519")),
+    );
     dir
 }
 
@@ -98,12 +113,15 @@ fn ssh(lab: &NetLab, key: Option<&Path>, ip: &str, command: &str) -> Output {
 fn instance_id(home: &Home, vm: &str) -> String {
     let path = home.dir.path().join(format!("home/vms/{vm}/cloud-init/meta-data"));
     let text = fs::read_to_string(path).unwrap();
-    text.lines().find(|line| line.starts_with("instance-id:")).unwrap().to_owned()
+    text.lines()
+        .find(|line| line.starts_with("instance-id:"))
+        .unwrap()
+        .to_owned()
 }
 
 /// The whole life of a real guest. Three boots share the work: the image as created from a
-/// URL; a clone of it with new user-data (new identity, same data); the clone pushed to a
-/// registry and cloned back into a fresh TART_HOME.
+/// URL; a clone of it with new user-data and a bigger disk (new identity, same data, grown root
+/// filesystem); the clone pushed to a registry and cloned back into a fresh TART_HOME.
 #[test]
 fn debian_cloud_image_from_url_to_registry_and_back() {
     let image = tart_testkit::debian_image();
@@ -139,8 +157,13 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deb");
     let out = ssh(&lab, None, &ip, "true");
     assert!(out.status.success(), "ssh with the password: {}", output_text(&out));
-    let root_size: u64 = guest(&home, "deb", "df -B1 --output=size / | tail -n 1").parse().unwrap();
-    assert!((3_500_000_000..=4_000_000_000).contains(&root_size), "root filesystem of {root_size} bytes");
+    let root_size: u64 = guest(&home, "deb", "df -B1 --output=size / | tail -n 1")
+        .parse()
+        .unwrap();
+    assert!(
+        (3_500_000_000..=4_000_000_000).contains(&root_size),
+        "root filesystem of {root_size} bytes"
+    );
     guest(&home, "deb", "echo data-of-deb >/var/tmp/data && sync");
     let machine_id = guest(&home, "deb", "cat /etc/machine-id");
     let host_key = guest(&home, "deb", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub");
@@ -155,14 +178,31 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
         "#cloud-config\nruncmd:\n  - [sh, -c, 'echo runcmd-ran >/var/tmp/marker']\n",
     )
     .unwrap();
-    home.ok(&["set", "deb2", "--user-data", user_data.to_str().unwrap()]);
+    home.ok(&[
+        "set",
+        "deb2",
+        "--user-data",
+        user_data.to_str().unwrap(),
+        "--disk-size",
+        "5",
+    ]);
     let run = home.run_vm("deb2", 2, &[]);
     wait_for_cloud_init(&home, "deb2");
+    let root_size: u64 = guest(&home, "deb2", "df -B1 --output=size / | tail -n 1")
+        .parse()
+        .unwrap();
+    assert!(
+        (4_500_000_000..=5_000_000_000).contains(&root_size),
+        "grown to {root_size} bytes"
+    );
     assert_eq!(guest(&home, "deb2", "cat /var/tmp/marker"), "runcmd-ran");
     assert_eq!(guest(&home, "deb2", "cat /var/tmp/data"), "data-of-deb");
     assert_eq!(guest(&home, "deb2", "hostname"), "deb2");
     assert_ne!(guest(&home, "deb2", "cat /etc/machine-id"), machine_id);
-    assert_ne!(guest(&home, "deb2", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"), host_key);
+    assert_ne!(
+        guest(&home, "deb2", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub"),
+        host_key
+    );
     let ip2 = home.ok(&["ip", "--wait", "60", "deb2"]).trim().to_owned();
     assert_ne!(ip2, ip, "a clone has a DHCP identity of its own");
     let out = ssh(&lab, Some(&key), &ip2, "true");
@@ -177,22 +217,45 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     fresh.ok(&["clone", "--insecure", &name, "back"]);
     fresh.ok(&["set", "back", "--cpu", "2", "--memory", "1024"]);
     let run = fresh.run_vm("back", 1, &[]);
-    fresh.ok(&["ip", "--resolver", "agent", "--wait", &CLOUD_INIT_TIMEOUT.as_secs().to_string(), "back"]);
+    fresh.ok(&[
+        "ip",
+        "--resolver",
+        "agent",
+        "--wait",
+        &CLOUD_INIT_TIMEOUT.as_secs().to_string(),
+        "back",
+    ]);
     assert_eq!(guest(&fresh, "back", "cat /var/tmp/data"), "data-of-deb");
-    assert_eq!(guest(&fresh, "back", "systemctl is-active ssh"), "active");
+    // Without a seed cloud-init falls back to no datasource: a new instance all the same, whose
+    // SSH host keys sshd waits for.
+    assert_eq!(
+        guest(
+            &fresh,
+            "back",
+            "cloud-init status --wait >/dev/null; systemctl is-active ssh"
+        ),
+        "active"
+    );
     stop(&fresh, "back", run);
 }
 
 /// A small, valid qcow2 image (no guest in it) for the refusals, which never boot.
 fn small_qcow2(dir: &Path, name: &str, size: &str) -> PathBuf {
     let path = dir.join(name);
-    succeed(Command::new("qemu-img").args(["create", "-q", "-f", "qcow2"]).arg(&path).arg(size));
+    succeed(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(size),
+    );
     path
 }
 
 fn entries(dir: PathBuf) -> Vec<String> {
     match fs::read_dir(dir) {
-        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Ok(entries) => entries
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
         Err(_) => Vec::new(),
     }
 }
@@ -218,7 +281,11 @@ fn files_that_are_not_intact_disk_images_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("notes.txt");
     fs::write(&text, "just some text\n").unwrap();
-    let stderr = fails_with(&mut create_from(&home, text.to_str().unwrap(), &[]), 1, "is not a disk image");
+    let stderr = fails_with(
+        &mut create_from(&home, text.to_str().unwrap(), &[]),
+        1,
+        "is not a disk image",
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 
     let truncated = dir.path().join("truncated.qcow2");
@@ -244,6 +311,51 @@ fn files_that_are_not_intact_disk_images_are_refused() {
     assert_nothing_made(&home);
 }
 
+/// Raw (with a partition table), vmdk and vhdx images become the same raw disk.
+#[test]
+fn raw_vmdk_and_vhdx_images_are_converted() {
+    let home = Home::empty();
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("disk.raw");
+    fs::write(&raw, b"").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let mut sfdisk = Command::new("sfdisk")
+        .args(["-q", "--no-reread", "--no-tell-kernel"])
+        .arg(&raw)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sfdisk.stdin.take().unwrap(), b"label: gpt\nstart=2048, type=L\n").unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    use std::os::unix::fs::FileExt;
+    fs::File::options()
+        .write(true)
+        .open(&raw)
+        .unwrap()
+        .write_all_at(b"payload", 20 << 20)
+        .unwrap();
+    let expected = fs::read(&raw).unwrap();
+    for format in ["raw", "vmdk", "vhdx"] {
+        let image = dir.path().join(format!("disk.{format}"));
+        if format != "raw" {
+            succeed(
+                Command::new("qemu-img")
+                    .args(["convert", "-q", "-f", "raw", "-O", format])
+                    .arg(&raw)
+                    .arg(&image),
+            );
+        }
+        home.ok(&["create", "--from-image", image.to_str().unwrap(), format]);
+        let disk = fs::read(home.dir.path().join(format!("home/vms/{format}/disk.img"))).unwrap();
+        assert!(disk == expected, "{format}: the disk differs from the image");
+    }
+}
+
 #[test]
 fn bad_downloads_are_refused_and_never_cached() {
     let home = Home::empty();
@@ -252,10 +364,22 @@ fn bad_downloads_are_refused_and_never_cached() {
     fs::write(dir.path().join("page.qcow2"), "<html>not found</html>").unwrap();
     let server = FileServer::start(dir.path());
 
-    fails_with(&mut create_from(&home, &server.url("missing.qcow2"), &[]), 1, "HTTP 404 Not Found");
-    fails_with(&mut create_from(&home, &server.url(""), &[]), 1, "returned an HTML page");
+    fails_with(
+        &mut create_from(&home, &server.url("missing.qcow2"), &[]),
+        1,
+        "HTTP 404 Not Found",
+    );
+    fails_with(
+        &mut create_from(&home, &server.url(""), &[]),
+        1,
+        "returned an HTML page",
+    );
     // Served as an image but holding an error page: refused by what it is.
-    fails_with(&mut create_from(&home, &server.url("page.qcow2"), &[]), 1, "is not a disk image");
+    fails_with(
+        &mut create_from(&home, &server.url("page.qcow2"), &[]),
+        1,
+        "is not a disk image",
+    );
     let wrong = "0".repeat(64);
     fails_with(
         &mut create_from(&home, &server.url("small.qcow2"), &["--sha256", &wrong]),
@@ -321,7 +445,11 @@ fn user_data_and_seeds_are_checked() {
     let seed = home.dir.path().join("home/vms/vm/cloud-init");
     let before = fs::read(seed.join("user-data")).unwrap();
     assert!(before.starts_with(b"#cloud-config\n"));
-    fails_with(home.tart().args(["set", "vm", "--user-data", yaml]), 1, "is not cloud-init user-data");
+    fails_with(
+        home.tart().args(["set", "vm", "--user-data", yaml]),
+        1,
+        "is not cloud-init user-data",
+    );
     assert_eq!(fs::read(seed.join("user-data")).unwrap(), before);
 
     // New user-data is a new instance; so is a clone, which also gets its own hostname.

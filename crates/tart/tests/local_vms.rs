@@ -127,7 +127,17 @@ fn create_clone_set_get_list_rename_delete() {
     let mut lines = text.lines();
     assert_eq!(
         lines.next().unwrap().split_whitespace().collect::<Vec<_>>(),
-        ["OS", "CPU", "Memory", "Disk", "DiskFormat", "Size", "Display", "State", "CloudInit"]
+        [
+            "OS",
+            "CPU",
+            "Memory",
+            "Disk",
+            "DiskFormat",
+            "Size",
+            "Display",
+            "State",
+            "CloudInit"
+        ]
     );
     assert_eq!(lines.next().unwrap().split_whitespace().next(), Some("linux"));
 
@@ -396,15 +406,7 @@ fn full_disk_during_clone_fails_cleanly() {
         echo "tmp-entries=$(ls -A "$TART_HOME/tmp" | wc -l)"
         [ "$sum_before" = "$(md5sum "$TART_HOME/vms/src/disk.img")" ] && echo source-intact
     "#;
-    let out = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"])
-        .arg(dir.path())
-        .arg(&tart)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let (stdout, stderr) = tart_testkit::in_private_mounts(script, &[dir.path().as_os_str(), tart.as_os_str()]);
     assert!(stdout.contains("clone-exit=1"), "{stdout}");
     assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
     assert!(

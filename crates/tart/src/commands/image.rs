@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
-use tart_cloudinit::{default_user_data, invoking_user_ssh_keys, validate_user_data, write_cidata_image, Seed};
-use tart_home::{Arch, Error, StagingDir, VmDir};
-use tart_image::{check_disk_size, convert_to_raw, download, inspect, DownloadCache};
+use tart_cloudinit::{validate_user_data, write_cidata_image, Seed};
+use tart_home::{Error, StagingDir, VmDir};
+use tart_image::{check_disk_size, convert_to_raw, download, inspect, DownloadCache, ImageInfo};
 use tart_qemu::{DiskOptions, DiskSource, ExtraDisk, ImageFormat};
 
 use super::Context;
@@ -15,42 +15,46 @@ use crate::progress::CliProgress;
 
 const GB: u64 = 1_000_000_000;
 
-/// `tart create --from-image`: the image (a file, or a URL downloaded into the cache) becomes the
-/// VM's sparse raw disk, and the VM gets a seed. Everything is checked before the VM is staged.
-pub fn create(ctx: &Context, args: &CreateArgs, location: &str) -> Result<()> {
-    if !args.force && ctx.home.local_vm(&args.name)?.path().exists() {
-        return Err(Error::VmAlreadyExists(args.name.clone()).into());
-    }
-    let user_data = match &args.user_data {
-        Some(path) => read_user_data(path)?,
-        None => default_user_data(&invoking_user_ssh_keys()),
-    };
-    let image = if Path::new(location).exists() {
-        if let Some(expected) = &args.sha256 {
-            tart_image::check_sha256(Path::new(location), expected)?;
+/// The image of `create --from-image`, checked and (for a URL) downloaded, before anything is
+/// staged: a bad one never gets as far as a VM directory.
+pub struct SourceImage {
+    path: PathBuf,
+    info: ImageInfo,
+    size: Option<u64>,
+}
+
+impl SourceImage {
+    pub fn open(ctx: &Context, args: &CreateArgs, location: &str) -> Result<SourceImage> {
+        // Before a download that may take minutes, not after.
+        if !args.force && ctx.home.local_vm(&args.name)?.path().exists() {
+            return Err(Error::VmAlreadyExists(args.name.clone()).into());
         }
-        PathBuf::from(location)
-    } else if location.contains("://") {
-        let cache = DownloadCache {
-            images: ctx.home.root().join("cache").join("images"),
-            tmp: ctx.home.tmp_dir(),
+        let path = if Path::new(location).exists() {
+            if let Some(expected) = &args.sha256 {
+                tart_image::check_sha256(Path::new(location), expected)?;
+            }
+            PathBuf::from(location)
+        } else if location.contains("://") {
+            let cache = DownloadCache {
+                images: ctx.home.root().join("cache").join("images"),
+                tmp: ctx.home.tmp_dir(),
+            };
+            download(&cache, location, args.sha256.as_deref(), &CliProgress::new())?
+        } else {
+            bail!("{location}: no such file (--from-image takes a file or an http(s) URL)");
         };
-        download(&cache, location, args.sha256.as_deref(), &CliProgress::new())?
-    } else {
-        bail!("{location}: no such file (--from-image takes a file or an http(s) URL)");
-    };
-    let info = inspect(&image)?;
-    let size = args.disk_size.map(|gb| u64::from(gb) * GB);
-    if let Some(size) = size {
-        check_disk_size(&info, size)?;
+        let info = inspect(&path)?;
+        let size = args.disk_size.map(|gb| u64::from(gb) * GB);
+        if let Some(size) = size {
+            check_disk_size(&info, size)?;
+        }
+        Ok(SourceImage { path, info, size })
     }
-    let firmware = tart_qemu::firmware::find_firmware(Arch::host())?;
-    ctx.home
-        .create_linux_vm_with(&args.name, &firmware.vars_template, args.force, |staged| -> Result<()> {
-            convert_to_raw(&image, &info, &staged.disk_path(), size)?;
-            Seed::new(user_data, &args.name).save(&staged.seed_dir())?;
-            Ok(())
-        })
+
+    /// The VM's sparse raw disk at `target`, converted from the image.
+    pub fn write_disk(&self, target: &Path) -> Result<()> {
+        Ok(convert_to_raw(&self.path, &self.info, target, self.size)?)
+    }
 }
 
 /// User-data from a file, refused unless cloud-init would run it.

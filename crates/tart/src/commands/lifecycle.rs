@@ -2,7 +2,7 @@ use std::thread::sleep;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
-use tart_cloudinit::Seed;
+use tart_cloudinit::{default_user_data, invoking_user_ssh_keys, Seed};
 use tart_home::{grow_disk, AccessDate, Arch, Display, Error, MacAddress, Os, VmState};
 
 use super::{image, parse_vm_name, Context, VmName};
@@ -20,25 +20,35 @@ pub fn create(ctx: &Context, args: &CreateArgs) -> Result<()> {
     if args.disk_format.eq_ignore_ascii_case("asif") {
         bail!("ASIF disk images need macOS 26 or newer: use --disk-format raw");
     }
-    if let Some(location) = &args.from_image {
-        return image::create(ctx, args, location);
-    }
-    if !args.linux {
-        return Err(
-            UsageError("Please specify either a --from-ipsw, --from-image or --linux option!".into()).into(),
-        );
-    }
     let user_data = args.user_data.as_deref().map(image::read_user_data).transpose()?;
-    let disk_size = u64::from(args.disk_size.unwrap_or(50)) * GB;
+    let source = match &args.from_image {
+        Some(location) => Some(image::SourceImage::open(ctx, args, location)?),
+        None if args.linux => None,
+        None => {
+            return Err(UsageError("Please specify either a --from-ipsw or --linux option!".into()).into());
+        }
+    };
+    // A VM from a cloud image always gets a seed: without one it has no user to log in as.
+    let user_data = match (user_data, &source) {
+        (None, Some(_)) => Some(default_user_data(&invoking_user_ssh_keys())),
+        (user_data, _) => user_data,
+    };
     let firmware = tart_qemu::firmware::find_firmware(Arch::host())?;
-    ctx.home
-        .create_linux_vm_with(&args.name, &firmware.vars_template, args.force, |staged| -> Result<()> {
-            staged.create_empty_disk(disk_size)?;
+    ctx.home.create_linux_vm_with(
+        &args.name,
+        &firmware.vars_template,
+        args.force,
+        |staged| -> Result<()> {
+            match &source {
+                Some(image) => image.write_disk(&staged.disk_path())?,
+                None => staged.create_empty_disk(u64::from(args.disk_size.unwrap_or(50)) * GB)?,
+            }
             if let Some(user_data) = user_data {
                 Seed::new(user_data, &args.name).save(&staged.seed_dir())?;
             }
             Ok(())
-        })
+        },
+    )
 }
 
 pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
@@ -53,8 +63,9 @@ pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
         },
     };
     source.set_access_date(AccessDate::Now)?;
-    ctx.home
-        .clone_vm(&source, &args.new_name, args.force, |staged| image::renew_identity(staged, &args.new_name))?;
+    ctx.home.clone_vm(&source, &args.new_name, args.force, |staged| {
+        image::renew_identity(staged, &args.new_name)
+    })?;
 
     // The clone shares the source's extents now but will diverge as the guest writes: make
     // sure that much room can exist, within --prune-limit, by pruning old cached images.
