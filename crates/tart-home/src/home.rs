@@ -224,25 +224,33 @@ impl StagingDir {
     /// Moves the staged directory to `target` in one rename. Without `replace` an existing
     /// `target` is an error (checked atomically by the kernel); with it the old directory is
     /// swapped out atomically and then deleted, so `target` is never missing or half-made.
+    ///
+    /// Durable: the staged files and directories are synced before the rename, missing parents
+    /// of `target` are created synced, and the directory that receives `target` is synced after
+    /// it, so after a power loss `target` is either absent (or the old one) or complete.
     pub fn persist(mut self, target: &Path, replace: bool) -> Result<()> {
         let context = || format!("failed to move {} into place", target.display());
+        let parent = target.parent().unwrap_or(Path::new("/"));
+        crate::copy::sync_tree(&self.path).map_err(io_context(format!("failed to sync {}", self.path.display())))?;
+        crate::copy::create_dirs_durably(parent)
+            .map_err(io_context(format!("failed to create {}", parent.display())))?;
         if replace && target.exists() {
             renameat2(&self.path, target, libc::RENAME_EXCHANGE).map_err(io_context(context()))?;
             // `self.path` now holds the replaced VM; dropping `self` deletes it.
             self.keep_on_drop = false;
-            return Ok(());
-        }
-        match renameat2(&self.path, target, libc::RENAME_NOREPLACE) {
-            Ok(()) => {}
-            Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
-                let name = target.file_name().unwrap_or_default().to_string_lossy().into_owned();
-                return Err(Error::VmAlreadyExists(name));
+        } else {
+            match renameat2(&self.path, target, libc::RENAME_NOREPLACE) {
+                Ok(()) => {}
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {
+                    let name = target.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                    return Err(Error::VmAlreadyExists(name));
+                }
+                Err(err) => return Err(io_context(context())(err)),
             }
-            Err(err) => return Err(io_context(context())(err)),
+            self.lock = None;
+            self.path = PathBuf::new();
         }
-        self.lock = None;
-        self.path = PathBuf::new();
-        Ok(())
+        crate::copy::sync_dir(parent).map_err(io_context(format!("failed to sync {}", parent.display())))
     }
 }
 

@@ -75,8 +75,7 @@ impl TartHome {
             staged.save_config(&config)?;
         }
         staged.set_access_date(AccessDate::Now)?;
-        self.move_into_place(staging, target, name, force)?;
-        crate::copy::sync_dir(&self.vms_dir()).map_err(io_context("failed to sync vms/"))
+        self.move_into_place(staging, target, name, force)
     }
 
     /// Whether a local VM other than `except` has the MAC address of `config`.

@@ -324,7 +324,6 @@ impl TartHome {
             }
         }
         staged.config()?;
-        crate::copy::sync_dir(staging.path()).map_err(io_context("failed to sync the imported VM"))?;
         let keep_mac = staged.state_path().exists();
         self.adopt_staged_vm(staging, &target, name, force, keep_mac)
     }

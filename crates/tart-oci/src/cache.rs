@@ -157,8 +157,6 @@ impl OciCache {
             let staging = home.staging_dir()?;
             vm.copy_files_into(staging.path(), false)?;
             fs::write(staging.path().join("manifest.json"), manifest)?;
-            let parent = image_dir.parent().expect("cache paths have parents");
-            fs::create_dir_all(parent)?;
             match staging.persist(&image_dir, false) {
                 Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),

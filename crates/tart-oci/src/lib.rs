@@ -9,6 +9,7 @@ pub mod progress;
 pub mod pull;
 pub mod push;
 pub mod registry;
+mod retry;
 mod reuse;
 mod sink;
 

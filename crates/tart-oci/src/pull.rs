@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 use crate::cache::EXPLICITLY_PULLED;
 use crate::manifest::{sha256_digest, DiskLayer, DiskLayers, TartManifest};
 use crate::progress::Progress;
-use crate::registry::{back_off, is_transient, Registry, ATTEMPTS};
+use crate::registry::Registry;
+use crate::retry::Retries;
 use crate::reuse::{copy_verified, is_zero_chunk, LocalChunks};
 use crate::{OciCache, Reference, RemoteName};
 
@@ -45,8 +46,9 @@ pub async fn pull(
     options: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<VmDir> {
-    let (manifest_bytes, digest) =
-        crate::registry::with_retries("pulling manifest", || registry.manifest(name.reference.value())).await?;
+    let (manifest_bytes, digest) = registry
+        .with_retries("pulling manifest", || registry.manifest(name.reference.value()))
+        .await?;
     let manifest = TartManifest::parse(&manifest_bytes)?;
     let digest_name = name.with_digest(&digest);
     let image_dir = cache.path_for(&digest_name);
@@ -94,8 +96,6 @@ pub async fn pull(
                 progress,
             )
             .await?;
-            let parent = image_dir.parent().expect("cache paths have parents");
-            fs::create_dir_all(parent).with_context(|| format!("failed to create {}", parent.display()))?;
             match staging.persist(&image_dir, false) {
                 Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
@@ -155,13 +155,25 @@ async fn download(
     Ok(())
 }
 
-/// Config and NVRAM: downloaded whole and verified; kept from an earlier attempt if intact.
+/// Config and NVRAM: downloaded into memory (resumed like disk layers) and verified; kept from
+/// an earlier attempt if intact.
 async fn fetch_small_blob(registry: &Registry, descriptor: &Descriptor, path: &Path) -> Result<()> {
     let digest = descriptor.digest().to_string();
     if fs::read(path).is_ok_and(|bytes| sha256_digest(&bytes) == digest) {
         return Ok(());
     }
-    let data = crate::registry::with_retries("pulling image", || registry.blob(&digest, descriptor.size())).await?;
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(16);
+    let collector = tokio::spawn(async move {
+        let mut data = Vec::new();
+        while let Some(piece) = receiver.recv().await {
+            data.extend_from_slice(&piece);
+        }
+        data
+    });
+    let streamed = stream_blob(registry, descriptor, &sender, &|_| {}).await;
+    drop(sender);
+    let data = collector.await?;
+    streamed?;
     fs::write(path, data).with_context(|| format!("failed to write {}", path.display()))
 }
 
@@ -209,8 +221,16 @@ async fn pull_disk_v2(
     progress: &dyn Progress,
 ) -> Result<()> {
     let total: u64 = layers.iter().map(|l| l.uncompressed_size).sum();
-    let disk = open_disk(&staging.join("disk.img"), Some(total))?;
-    let journal = Journal::open(&staging.join("disk-layers.done"))?;
+    let disk_path = staging.join("disk.img");
+    let journal_path = staging.join("disk-layers.done");
+    if !disk_path.exists() {
+        // A journal without its disk (a power loss took the disk's name) records nothing.
+        let _ = fs::remove_file(&journal_path);
+    }
+    let disk = open_disk(&disk_path, Some(total))?;
+    let journal = Journal::open(&journal_path)?;
+    // Journal entries are only as good as the names of the files they speak of.
+    tart_home::sync_dir(staging).with_context(|| format!("failed to sync {}", staging.display()))?;
     for (index, layer) in layers.iter().enumerate() {
         if journal.done.contains(&index) {
             progress.advance(layer.descriptor.size());
@@ -314,7 +334,7 @@ async fn pull_disk_v1(
     let mut sender = Some(sender);
     for layer in layers {
         let tx = sender.as_ref().expect("sender lives until all layers are sent");
-        if let Err(err) = stream_blob(registry, layer, tx, progress).await {
+        if let Err(err) = stream_blob(registry, layer, tx, &|n| progress.advance(n)).await {
             drop(sender.take());
             return Err(first_cause(err, worker.await?.err()));
         }
@@ -351,7 +371,7 @@ async fn pull_layer(
     progress: &dyn Progress,
 ) -> Result<(u64, String)> {
     let (sender, worker) = spawn_decoder(disk, offset, uncompressed_size);
-    let streamed = stream_blob(registry, descriptor, &sender, progress).await;
+    let streamed = stream_blob(registry, descriptor, &sender, &|n| progress.advance(n)).await;
     drop(sender);
     let decoded = worker.await?;
     match (streamed, decoded) {
@@ -404,15 +424,15 @@ async fn stream_blob(
     registry: &Registry,
     descriptor: &Descriptor,
     sender: &mpsc::Sender<Bytes>,
-    progress: &dyn Progress,
+    advance: &(dyn Fn(u64) + Sync),
 ) -> Result<()> {
     let digest = descriptor.digest().to_string();
     let size = descriptor.size();
     let mut hasher = Sha256::new();
     let mut received = 0u64;
-    let mut attempt = 0;
+    let mut retries = Retries::new(registry.retry_policy());
     loop {
-        attempt += 1;
+        let before = received;
         let result = async {
             let (mut stream, ranged) = registry.blob_stream(&digest, size, received).await?;
             let mut skip = if ranged { 0 } else { received };
@@ -431,7 +451,7 @@ async fn stream_blob(
                 }
                 hasher.update(&chunk);
                 received += chunk.len() as u64;
-                progress.advance(chunk.len() as u64);
+                advance(chunk.len() as u64);
                 sender.send(chunk).await.map_err(|_| anyhow!(DecoderStopped))?;
             }
             if received < size {
@@ -448,11 +468,7 @@ async fn stream_blob(
             // Every declared byte is here (the connection failed after them, e.g. the registry
             // announced more): asking for more could only get a 416. The digest decides.
             Err(_) if received == size => break,
-            Err(err) if attempt < ATTEMPTS && is_transient(&err) => {
-                eprintln!("Error pulling image: \"{err:#}\", attempting to re-try...");
-                back_off(attempt).await;
-            }
-            Err(err) => return Err(err),
+            Err(err) => retries.after_failure("pulling image", err, received > before).await?,
         }
     }
     let actual = format!("sha256:{:x}", hasher.finalize());

@@ -3,10 +3,11 @@
 //! stub OCI config and the manifest.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::File;
-use std::io::Write;
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use anyhow::{Context, Result};
@@ -19,7 +20,7 @@ use tart_home::VmDir;
 use crate::manifest::{build_manifest, descriptor, oci_config_blob, sha256_digest};
 use crate::media;
 use crate::progress::Progress;
-use crate::registry::{with_retries, Registry};
+use crate::registry::Registry;
 
 #[derive(Clone, Debug, Default)]
 pub struct PushOptions {
@@ -32,6 +33,8 @@ pub struct PushOptions {
     /// Blob digest → other repositories on the same registry known to hold it (from the local
     /// cache), to mount from instead of uploading.
     pub mount_from: HashMap<String, Vec<String>>,
+    /// Where compressed chunks wait for their upload (`tmp/`), in unnamed files.
+    pub spill_dir: PathBuf,
 }
 
 /// What was pushed.
@@ -85,10 +88,11 @@ pub async fn push_vm(
     let manifest = Bytes::from(build_manifest(&oci_config_layer, &layers, disk_size, &upload_time()));
     for reference in references {
         progress.line(&format!("pushing manifest for {reference}..."));
-        with_retries("pushing manifest", || {
-            registry.push_manifest(reference, manifest.clone())
-        })
-        .await?;
+        registry
+            .with_retries("pushing manifest", || {
+                registry.push_manifest(reference, manifest.clone())
+            })
+            .await?;
     }
     Ok(Pushed {
         digest: sha256_digest(&manifest),
@@ -99,13 +103,16 @@ pub async fn push_vm(
 /// Re-tags an image the target repository already has: fetch its manifest by digest and put
 /// it under each new reference, byte for byte.
 pub async fn retag(registry: &Registry, digest: &str, references: &[String], progress: &dyn Progress) -> Result<()> {
-    let (manifest, _) = with_retries("pulling manifest", || registry.manifest(digest)).await?;
+    let (manifest, _) = registry
+        .with_retries("pulling manifest", || registry.manifest(digest))
+        .await?;
     for reference in references {
         progress.line(&format!("pushing manifest for {reference}..."));
-        with_retries("pushing manifest", || {
-            registry.push_manifest(reference, manifest.clone())
-        })
-        .await?;
+        registry
+            .with_retries("pushing manifest", || {
+                registry.push_manifest(reference, manifest.clone())
+            })
+            .await?;
     }
     Ok(())
 }
@@ -125,10 +132,11 @@ async fn push_small_blob(
 ) -> Result<Descriptor> {
     let digest = sha256_digest(&data);
     let data = Bytes::from(data);
-    with_retries("pushing blob", || {
-        registry.push_blob(data.clone(), &digest, options.chunk_size)
-    })
-    .await?;
+    registry
+        .with_retries("pushing blob", || {
+            registry.push_blob(data.clone(), &digest, options.chunk_size)
+        })
+        .await?;
     Ok(descriptor(media_type, data.len() as u64, &digest, HashMap::new()))
 }
 
@@ -145,78 +153,125 @@ async fn push_disk_chunk(
 ) -> Result<Descriptor> {
     let offset = index * media::DISK_CHUNK_SIZE;
     let length = media::DISK_CHUNK_SIZE.min(disk_size - offset);
-    let (compressed, uncompressed_digest) = tokio::task::spawn_blocking(move || compress_chunk(&disk, offset, length))
-        .await?
-        .with_context(|| format!("failed to read disk.img at offset {offset}"))?;
-    let digest = sha256_digest(&compressed);
-    let compressed = Bytes::from(compressed);
+    let spill_dir = options.spill_dir.clone();
+    let (compressed, uncompressed_digest) =
+        tokio::task::spawn_blocking(move || compress_chunk(&disk, offset, length, &spill_dir))
+            .await?
+            .with_context(|| format!("failed to compress disk.img at offset {offset}"))?;
+    let digest = compressed.digest.clone();
     let first = claimed.lock().expect("claim set poisoned").insert(digest.clone());
-    with_retries("pushing disk", || async {
-        if !first {
-            return Ok(());
-        }
-        if registry.blob_exists(&digest).await? {
-            return Ok(());
-        }
-        for namespace in options
-            .mount_from
-            .get(&digest)
-            .into_iter()
-            .flatten()
-            .filter(|ns| *ns != registry.namespace())
-        {
-            if registry.mount(&digest, namespace).await && registry.blob_exists(&digest).await? {
+    registry
+        .with_retries("pushing disk", || async {
+            if !first {
                 return Ok(());
             }
-        }
-        registry
-            .push_blob(compressed.clone(), &digest, options.chunk_size)
-            .await
-    })
-    .await?;
+            if registry.blob_exists(&digest).await? {
+                return Ok(());
+            }
+            for namespace in options
+                .mount_from
+                .get(&digest)
+                .into_iter()
+                .flatten()
+                .filter(|ns| *ns != registry.namespace())
+            {
+                if registry.mount(&digest, namespace).await && registry.blob_exists(&digest).await? {
+                    return Ok(());
+                }
+            }
+            registry
+                .push_blob_file(compressed.file.clone(), compressed.len, &digest, options.chunk_size)
+                .await
+        })
+        .await?;
     progress.advance(length);
     let annotations = HashMap::from([
         (media::UNCOMPRESSED_SIZE.to_owned(), length.to_string()),
         (media::UNCOMPRESSED_CONTENT_DIGEST.to_owned(), uncompressed_digest),
     ]);
-    Ok(descriptor(
-        media::DISK_V2,
-        compressed.len() as u64,
-        &digest,
-        annotations,
-    ))
+    Ok(descriptor(media::DISK_V2, compressed.len, &digest, annotations))
 }
 
-/// Reads one chunk in pieces, hashing and compressing as it goes, so only the compressed
-/// output is held in memory. Holes are not read (zeros come from memory), and a chunk that is
-/// all hole is the same precomputed blob every time: most of a VM disk is holes.
-fn compress_chunk(disk: &File, offset: u64, length: u64) -> std::io::Result<(Vec<u8>, String)> {
+/// A compressed chunk waiting for its upload in an unnamed file of `tmp/` (gone when closed,
+/// also when tart is killed): an incompressible chunk is as large as the disk chunk, and
+/// `--concurrency` of them in memory would cost gigabytes.
+struct Spilled {
+    file: Arc<File>,
+    len: u64,
+    digest: String,
+}
+
+/// Counts and hashes what passes through to the spill file.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(data)?;
+        self.hasher.update(&data[..n]);
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads one chunk in pieces, hashing and compressing as it goes into a spill file in
+/// `spill_dir`. Holes are not read (zeros come from memory), and a chunk that is all hole is
+/// the same precomputed blob every time: most of a VM disk is holes.
+fn compress_chunk(disk: &File, offset: u64, length: u64, spill_dir: &Path) -> std::io::Result<(Spilled, String)> {
+    let spill = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE)
+        .open(spill_dir)?;
+    let mut output = Hashing {
+        inner: BufWriter::with_capacity(1 << 20, spill),
+        hasher: Sha256::new(),
+        len: 0,
+    };
     let mut data_at = next_data(disk, offset)?;
-    if length == media::DISK_CHUNK_SIZE && data_at >= offset + length {
+    let uncompressed_digest = if length == media::DISK_CHUNK_SIZE && data_at >= offset + length {
         let (compressed, digest) = zero_chunk();
-        return Ok((compressed.clone(), digest.clone()));
-    }
-    let mut encoder = apple_lz4::Encoder::new(Vec::new());
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; PIECE];
-    let mut done = 0u64;
-    while done < length {
-        let position = offset + done;
-        let n = (length - done).min(PIECE as u64) as usize;
-        if data_at < position {
-            data_at = next_data(disk, position)?;
+        output.write_all(compressed)?;
+        digest.clone()
+    } else {
+        let mut encoder = apple_lz4::Encoder::new(&mut output);
+        let mut hasher = Sha256::new();
+        let mut buffer = vec![0u8; PIECE];
+        let mut done = 0u64;
+        while done < length {
+            let position = offset + done;
+            let n = (length - done).min(PIECE as u64) as usize;
+            if data_at < position {
+                data_at = next_data(disk, position)?;
+            }
+            let piece = if data_at >= position + n as u64 {
+                &ZEROS[..n]
+            } else {
+                disk.read_exact_at(&mut buffer[..n], position)?;
+                &buffer[..n]
+            };
+            hasher.update(piece);
+            encoder.write_all(piece)?;
+            done += n as u64;
         }
-        let piece = if data_at >= position + n as u64 {
-            &ZEROS[..n]
-        } else {
-            disk.read_exact_at(&mut buffer[..n], position)?;
-            &buffer[..n]
-        };
-        hasher.update(piece);
-        encoder.write_all(piece)?;
-        done += n as u64;
-    }
-    Ok((encoder.finish()?, format!("sha256:{:x}", hasher.finalize())))
+        encoder.finish()?;
+        format!("sha256:{:x}", hasher.finalize())
+    };
+    let Hashing { inner, hasher, len } = output;
+    let spilled = Spilled {
+        file: Arc::new(inner.into_inner().map_err(|err| err.into_error())?),
+        len,
+        digest: format!("sha256:{:x}", hasher.finalize()),
+    };
+    Ok((spilled, uncompressed_digest))
 }
 
 const PIECE: usize = 4 << 20;

@@ -2,12 +2,15 @@
 //! wrapper adds what Tart needs on top (resumable blob streams, HEAD before upload, mounts,
 //! PATCH chunk sizes, retries) and turns its errors into messages a user can act on.
 
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use bytes::Bytes;
-use futures_util::stream::{BoxStream, StreamExt};
+use futures_util::stream::BoxStream;
 use oci_client::client::{BlobResponse, Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -16,6 +19,7 @@ use reqwest::header::HeaderValue;
 
 use crate::manifest::sha256_digest;
 use crate::media;
+use crate::retry::RetryPolicy;
 
 /// How to reach registries, from the command line and the environment.
 #[derive(Clone, Debug, Default)]
@@ -41,24 +45,7 @@ pub struct Registry {
     chunked: bool,
     insecure: bool,
     ca_pems: Vec<Vec<u8>>,
-}
-
-/// Transport failures are worth another attempt; answers from the registry are not.
-pub fn is_transient(err: &anyhow::Error) -> bool {
-    err.chain().any(|cause| {
-        if let Some(oci) = cause.downcast_ref::<OciDistributionError>() {
-            return match oci {
-                OciDistributionError::RequestError(e) => {
-                    e.is_timeout() || e.is_connect() || e.is_request() || e.is_body()
-                }
-                OciDistributionError::IoError(_) => true,
-                OciDistributionError::ServerError { code, .. } => *code >= 500,
-                _ => false,
-            };
-        }
-        cause.downcast_ref::<reqwest::Error>().is_some_and(|e| !e.is_status())
-            || cause.downcast_ref::<std::io::Error>().is_some()
-    })
+    retry: RetryPolicy,
 }
 
 impl Registry {
@@ -107,11 +94,26 @@ impl Registry {
             chunked: chunk_size > 0,
             insecure: connection.insecure,
             ca_pems,
+            retry: RetryPolicy::from_env()?,
         })
     }
 
     pub fn namespace(&self) -> &str {
         &self.namespace
+    }
+
+    /// When failed requests to this registry are tried again.
+    pub(crate) fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Runs a request until it succeeds, fails for good, or the retry policy gives up.
+    pub(crate) async fn with_retries<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        crate::retry::with_retries(self.retry, what, attempt).await
     }
 
     fn reference(&self, reference: &str) -> OciReference {
@@ -207,31 +209,6 @@ impl Registry {
         })
     }
 
-    /// A small blob, whole and verified.
-    pub async fn blob(&self, digest: &str, size: u64) -> Result<Vec<u8>> {
-        let (stream, _) = self.blob_stream(digest, size, 0).await?;
-        let mut data = Vec::with_capacity(size as usize);
-        let mut stream = stream;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.with_context(|| format!("failed to download blob {digest}"))?;
-            if (data.len() + chunk.len()) as u64 > size {
-                bail!("the registry sent more than the {size} bytes the manifest declares for blob {digest}");
-            }
-            data.extend_from_slice(&chunk);
-        }
-        if data.len() as u64 != size {
-            bail!(
-                "the registry sent {} bytes for blob {digest}, the manifest declares {size}",
-                data.len()
-            );
-        }
-        let actual = sha256_digest(&data);
-        if actual != digest {
-            bail!("blob {digest} failed verification: the registry sent content with digest {actual}");
-        }
-        Ok(data)
-    }
-
     pub async fn blob_exists(&self, digest: &str) -> Result<bool> {
         self.client.store_auth_if_needed(&self.host, &self.auth).await;
         self.client
@@ -266,6 +243,38 @@ impl Registry {
             self.client.push_blob(&reference, data, digest).await
         };
         result
+            .map(drop)
+            .map_err(|e| self.describe(e, &format!("pushing blob {digest}")))
+    }
+
+    /// Uploads the first `size` bytes of `file`, read a piece at a time (a PATCH each when
+    /// chunked), so a blob never needs to fit in memory.
+    pub async fn push_blob_file(&self, file: Arc<File>, size: u64, digest: &str, chunk_size: usize) -> Result<()> {
+        let piece = if self.chunked {
+            chunk_size.max(1) as u64
+        } else {
+            1 << 20
+        };
+        let pieces = futures_util::stream::try_unfold(0u64, move |offset| {
+            let file = file.clone();
+            async move {
+                if offset >= size {
+                    return Ok(None);
+                }
+                let n = piece.min(size - offset) as usize;
+                let data = tokio::task::spawn_blocking(move || {
+                    let mut data = vec![0u8; n];
+                    file.read_exact_at(&mut data, offset).map(|()| data)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                Ok::<_, OciDistributionError>(Some((Bytes::from(data), offset + n as u64)))
+            }
+        });
+        self.client.store_auth_if_needed(&self.host, &self.auth).await;
+        self.client
+            .push_blob_stream(&self.blob_reference(), pieces, digest, Some(size))
+            .await
             .map(drop)
             .map_err(|e| self.describe(e, &format!("pushing blob {digest}")))
     }
@@ -306,33 +315,4 @@ impl Registry {
         };
         anyhow!(err).context(format!("{doing} in {}/{}{hint}", self.host, self.namespace))
     }
-}
-
-/// Runs `attempt` up to five times, backing off with full jitter (base 1 s, max 20 s) as Tart's
-/// swift-retry does, but only while the failure is a transport error.
-pub async fn with_retries<T, F, Fut>(what: &str, mut attempt: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T>>,
-{
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(err) if tries < ATTEMPTS && is_transient(&err) => {
-                eprintln!("Error {what}: \"{err:#}\", attempting to re-try...");
-                back_off(tries).await;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Attempts before a transport error is final.
-pub(crate) const ATTEMPTS: u32 = 5;
-
-/// Exponential backoff with full jitter before attempt `tries + 1`.
-pub(crate) async fn back_off(tries: u32) {
-    let ceiling = Duration::from_secs(1u64 << tries.min(4)).min(Duration::from_secs(20));
-    tokio::time::sleep(ceiling.mul_f64(rand::random::<f64>())).await;
 }

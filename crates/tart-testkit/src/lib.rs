@@ -25,7 +25,7 @@ mod token;
 
 pub use files::FileServer;
 pub use netlab::NetLab;
-pub use process::in_private_mounts;
+pub use process::{in_private_mounts, measured};
 pub use proxy::{FaultProxy, ProxiedRequest};
 pub use registry::Registry;
 pub use token::{TokenOptions, TokenRequest};

@@ -2,9 +2,10 @@
 
 use std::io;
 use std::os::unix::process::CommandExt;
-use std::process::{Command, ExitStatus};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 pub(crate) struct Supervised {
     pid: libc::pid_t,
@@ -104,4 +105,22 @@ pub fn in_private_mounts(script: &str, args: &[&std::ffi::OsStr]) -> (String, St
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stdout}\n{stderr}");
     (stdout, stderr)
+}
+
+/// Runs `command` to success; its wall time and peak resident memory. The child is reaped with
+/// wait4, which reports its own peak (getrusage(RUSAGE_CHILDREN) would mix in other tests' VMs).
+#[allow(clippy::zombie_processes)]
+pub fn measured(command: &mut Command) -> (Duration, u64) {
+    let started = Instant::now();
+    let child = command.stdout(Stdio::null()).spawn().unwrap();
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
+    assert_eq!(pid, child.id() as libc::pid_t);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{command:?} failed"
+    );
+    (started.elapsed(), usage.ru_maxrss as u64 * 1024)
 }

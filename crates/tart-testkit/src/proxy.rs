@@ -47,15 +47,37 @@ impl ProxiedRequest {
 #[derive(Clone, Debug)]
 enum Fault {
     Corrupt,
-    Truncate { after: u64, times: u32 },
+    Truncate {
+        after: u64,
+        times: u32,
+    },
     LieContentLength(i64),
     Delay(Duration),
+    /// Cut after this fraction of the body.
+    Cut(f64),
 }
 
 #[derive(Default)]
 struct Faults {
     by_digest: HashMap<String, Fault>,
     redirect_to: Option<String>,
+    random_cuts: Option<RandomCuts>,
+}
+
+/// Which blob downloads are cut, and where: a seeded xorshift64* so a failing run can be replayed.
+struct RandomCuts {
+    probability: f64,
+    state: u64,
+}
+
+impl RandomCuts {
+    /// Uniform in [0, 1).
+    fn next(&mut self) -> f64 {
+        self.state ^= self.state >> 12;
+        self.state ^= self.state << 25;
+        self.state ^= self.state >> 27;
+        (self.state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64
+    }
 }
 
 struct Shared {
@@ -63,6 +85,8 @@ struct Shared {
     faults: Mutex<Faults>,
     log: Mutex<Vec<ProxiedRequest>>,
     stop: AtomicBool,
+    /// Downloads cut by [`FaultProxy::cut_blobs_randomly`].
+    cuts: AtomicU64,
     /// Open client connections, shut down on drop so their threads end with the proxy.
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
@@ -76,6 +100,14 @@ impl Shared {
     /// The fault for this download, using up one of a truncation's repetitions.
     fn take_fault(&self, digest: &str) -> Option<Fault> {
         let mut faults = self.faults();
+        if !faults.by_digest.contains_key(digest) {
+            let cuts = faults.random_cuts.as_mut()?;
+            if cuts.next() >= cuts.probability {
+                return None;
+            }
+            self.cuts.fetch_add(1, Ordering::SeqCst);
+            return Some(Fault::Cut(cuts.next()));
+        }
         let fault = faults.by_digest.get_mut(digest)?;
         if let Fault::Truncate { times, .. } = fault {
             if *times == 0 {
@@ -135,6 +167,7 @@ impl FaultProxy {
             faults: Mutex::default(),
             log: Mutex::default(),
             stop: AtomicBool::new(false),
+            cuts: AtomicU64::new(0),
             connections: Mutex::default(),
             next_connection: AtomicU64::new(0),
         });
@@ -186,6 +219,22 @@ impl FaultProxy {
     /// `delay` before the rest: long enough to kill a pull mid-way with part of the blob written.
     pub fn delay_blob(&self, digest: &str, delay: Duration) {
         self.set(digest, Fault::Delay(delay));
+    }
+
+    /// Each blob download without a fault of its own is cut with `probability`: the full length is
+    /// announced, the body is sent up to a uniformly random byte strictly inside it (so every cut
+    /// download brings some data and misses some; a body of one byte goes through) and the
+    /// connection is closed. `seed` makes the choices repeatable.
+    pub fn cut_blobs_randomly(&self, probability: f64, seed: u64) {
+        self.shared.faults().random_cuts = Some(RandomCuts {
+            probability,
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        });
+    }
+
+    /// How many downloads [`FaultProxy::cut_blobs_randomly`] has cut so far.
+    pub fn random_cuts(&self) -> u64 {
+        self.shared.cuts.load(Ordering::SeqCst)
     }
 
     /// Answers every blob download with `307 Temporary Redirect` to the same path and query on
@@ -393,6 +442,13 @@ fn serve(client: &TcpStream, shared: &Shared) -> io::Result<()> {
                         to_client.write_all(&response.head_bytes())?;
                         to_client.write_all(&body[..after.min(length) as usize])?;
                         keep_alive = false;
+                    }
+                    Fault::Cut(fraction) => {
+                        // Strictly inside the body: at least one byte arrives and one is missing.
+                        let cut = 1 + ((length.saturating_sub(1)) as f64 * fraction) as usize;
+                        to_client.write_all(&response.head_bytes())?;
+                        to_client.write_all(&body[..cut.min(body.len())])?;
+                        keep_alive &= cut >= body.len();
                     }
                     Fault::LieContentLength(delta) => {
                         let claimed = (length as i64).saturating_add(delta).max(0);

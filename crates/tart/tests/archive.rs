@@ -4,13 +4,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
 
 use apple_archive::{ArchiveWriter, EntryType, Header, Key, PbzeWriter, Value};
 
 mod common;
 use common::{fails_with, wait_for, Home};
+use tart_testkit::measured;
 
 fn vm_dir(home: &Home, name: &str) -> PathBuf {
     home.dir.path().join("home/vms").join(name)
@@ -86,24 +85,6 @@ fn same_contents(a: &Path, b: &Path) -> bool {
         }
         true
     })
-}
-
-/// Runs `command` to success; its wall time and peak resident memory. The child is reaped with
-/// wait4, which reports its own peak (getrusage(RUSAGE_CHILDREN) would mix in other tests' VMs).
-#[allow(clippy::zombie_processes)]
-fn measured(command: &mut Command) -> (Duration, u64) {
-    let started = Instant::now();
-    let child = command.stdout(std::process::Stdio::null()).spawn().unwrap();
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is valid; wait4 fills it for our own child.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut usage) };
-    assert_eq!(pid, child.id() as libc::pid_t);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "{command:?} failed"
-    );
-    (started.elapsed(), usage.ru_maxrss as u64 * 1024)
 }
 
 #[test]

@@ -141,6 +141,7 @@ pub fn push(ctx: &Context, args: &PushArgs) -> Result<()> {
                     chunk_size,
                     labels: labels.clone(),
                     mount_from: ctx.cache.blob_sources(host),
+                    spill_dir: ctx.home.tmp_dir(),
                 };
                 let pushed =
                     runtime.block_on(tart_oci::push::push_vm(&registry, &vm, references, &options, &progress))?;
