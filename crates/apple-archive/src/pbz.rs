@@ -152,8 +152,9 @@ pub fn is_zero(data: &[u8]) -> bool {
 }
 
 /// LZFSE-encodes one block. Incompressible data is stored after a cheap probe, because the
-/// encoder spends as long on random bytes as on text and gains nothing there.
-fn encode_block(encoder: &mut LzfseEncoder, raw: &[u8]) -> Vec<u8> {
+/// encoder spends as long on random bytes as on text and gains nothing there. The payload is
+/// never exactly as long as the block, which readers take for a block stored without LZFSE.
+pub(crate) fn encode_block(encoder: &mut LzfseEncoder, raw: &[u8]) -> Vec<u8> {
     if looks_incompressible(encoder, raw) {
         return stored_lzfse(raw);
     }
@@ -161,7 +162,7 @@ fn encode_block(encoder: &mut LzfseEncoder, raw: &[u8]) -> Vec<u8> {
     encoder
         .encode_bytes(raw, &mut payload)
         .expect("encoding into a Vec cannot fail");
-    if payload.len() > raw.len() + LZFSE_STORED_OVERHEAD {
+    if payload.len() >= raw.len() {
         return stored_lzfse(raw);
     }
     payload
