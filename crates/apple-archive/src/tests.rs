@@ -466,14 +466,17 @@ proptest! {
     }
 }
 
-
 #[test]
 fn an_lzfse_payload_is_never_as_long_as_its_block() {
     // Readers take a payload exactly as long as its block for a stored block; an LZFSE stream of
     // that length would be copied out as is (found by the roundtrip property: a 291-byte block).
     let mut encoder = lzfse_rust::LzfseEncoder::default();
     for len in 1..2000usize {
-        for raw in [pseudo_random(len, len as u64), text(len), [text(len / 2), pseudo_random(len - len / 2, 1)].concat()] {
+        for raw in [
+            pseudo_random(len, len as u64),
+            text(len),
+            [text(len / 2), pseudo_random(len - len / 2, 1)].concat(),
+        ] {
             let payload = crate::pbz::encode_block(&mut encoder, &raw);
             assert_ne!(payload.len(), raw.len(), "{len}");
             assert_eq!(reference_decode(&payload, raw.len()), raw);

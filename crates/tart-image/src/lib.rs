@@ -32,3 +32,6 @@ fn io_context(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Erro
 fn refused(text: impl Into<String>) -> Error {
     Error::Refused(text.into())
 }
+
+#[cfg(test)]
+mod tests;

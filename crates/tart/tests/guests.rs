@@ -6,7 +6,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 use tart_testkit::{FileServer, NetLab, Registry};
@@ -36,6 +36,36 @@ fn succeed(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(out.status.success(), "{cmd:?}: {}", output_text(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `tart run` that is stopped however the test ends: a failed assertion must not leave a VM
+/// running for the rest of the suite.
+struct Running<'a> {
+    home: &'a Home,
+    vm: &'static str,
+    run: Option<Child>,
+}
+
+impl<'a> Running<'a> {
+    fn start(home: &'a Home, vm: &'static str) -> Running<'a> {
+        let run = Some(home.run_vm(vm, 1, &[]));
+        Running { home, vm, run }
+    }
+
+    /// `tart stop`, after which `tart run` must exit with 0.
+    fn stop(mut self) {
+        stop(self.home, self.vm, self.run.take().unwrap());
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Some(mut run) = self.run.take() {
+            let _ = self.home.tart().args(["stop", "--timeout", "10", self.vm]).output();
+            let _ = run.kill();
+            let _ = run.wait();
+        }
+    }
 }
 
 /// `sh -c script` in the guest through the agent; its stdout, which must be a success.
@@ -110,6 +140,16 @@ fn ssh(lab: &NetLab, key: Option<&Path>, ip: &str, command: &str) -> Output {
     .unwrap()
 }
 
+/// The guest's root filesystem was grown to the disk of `disk_bytes` (ext4 and the ESP take
+/// their share: within 10 %).
+fn assert_root_filesystem_fills(home: &Home, vm: &str, disk_bytes: u64) {
+    let size: u64 = guest(home, vm, "df -B1 --output=size / | tail -n 1").parse().unwrap();
+    assert!(
+        (disk_bytes / 10 * 9..=disk_bytes).contains(&size),
+        "{vm}: a root filesystem of {size} bytes on a disk of {disk_bytes}"
+    );
+}
+
 fn instance_id(home: &Home, vm: &str) -> String {
     let path = home.dir.path().join(format!("home/vms/{vm}/cloud-init/meta-data"));
     let text = fs::read_to_string(path).unwrap();
@@ -149,7 +189,7 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     assert_eq!(info["Disk"], 4);
 
     // First boot: the seed's user, key, password, sudo; the root filesystem grown to the disk.
-    let run = home.run_vm("deb", 1, &[]);
+    let run = Running::start(&home, "deb");
     wait_for_cloud_init(&home, "deb");
     let ip = home.ok(&["ip", "--wait", "60", "deb"]).trim().to_owned();
     let out = ssh(&lab, Some(&key), &ip, "sudo -n true && hostname");
@@ -157,17 +197,11 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deb");
     let out = ssh(&lab, None, &ip, "true");
     assert!(out.status.success(), "ssh with the password: {}", output_text(&out));
-    let root_size: u64 = guest(&home, "deb", "df -B1 --output=size / | tail -n 1")
-        .parse()
-        .unwrap();
-    assert!(
-        (3_500_000_000..=4_000_000_000).contains(&root_size),
-        "root filesystem of {root_size} bytes"
-    );
+    assert_root_filesystem_fills(&home, "deb", 4_000_000_000);
     guest(&home, "deb", "echo data-of-deb >/var/tmp/data && sync");
     let machine_id = guest(&home, "deb", "cat /etc/machine-id");
     let host_key = guest(&home, "deb", "ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub");
-    stop(&home, "deb", run);
+    run.stop();
 
     // A clone of the booted VM, with user-data of its own: a new machine with the same data.
     home.ok(&["clone", "deb", "deb2"]);
@@ -186,15 +220,9 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
         "--disk-size",
         "5",
     ]);
-    let run = home.run_vm("deb2", 2, &[]);
+    let run = Running::start(&home, "deb2");
     wait_for_cloud_init(&home, "deb2");
-    let root_size: u64 = guest(&home, "deb2", "df -B1 --output=size / | tail -n 1")
-        .parse()
-        .unwrap();
-    assert!(
-        (4_500_000_000..=5_000_000_000).contains(&root_size),
-        "grown to {root_size} bytes"
-    );
+    assert_root_filesystem_fills(&home, "deb2", 5_000_000_000);
     assert_eq!(guest(&home, "deb2", "cat /var/tmp/marker"), "runcmd-ran");
     assert_eq!(guest(&home, "deb2", "cat /var/tmp/data"), "data-of-deb");
     assert_eq!(guest(&home, "deb2", "hostname"), "deb2");
@@ -207,7 +235,7 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     assert_ne!(ip2, ip, "a clone has a DHCP identity of its own");
     let out = ssh(&lab, Some(&key), &ip2, "true");
     assert!(out.status.success(), "ssh into the clone: {}", output_text(&out));
-    stop(&home, "deb2", run);
+    run.stop();
 
     // Through a registry into a fresh TART_HOME: it still boots, with its data.
     let registry = Registry::anonymous();
@@ -216,7 +244,7 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
     let fresh = Home::empty();
     fresh.ok(&["clone", "--insecure", &name, "back"]);
     fresh.ok(&["set", "back", "--cpu", "2", "--memory", "1024"]);
-    let run = fresh.run_vm("back", 1, &[]);
+    let run = Running::start(&fresh, "back");
     fresh.ok(&[
         "ip",
         "--resolver",
@@ -236,7 +264,7 @@ fn debian_cloud_image_from_url_to_registry_and_back() {
         ),
         "active"
     );
-    stop(&fresh, "back", run);
+    run.stop();
 }
 
 /// A small, valid qcow2 image (no guest in it) for the refusals, which never boot.
