@@ -11,7 +11,7 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use apple_lz4::PushDecoder;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use oci_spec::image::Descriptor;
 use sha2::{Digest as _, Sha256};
@@ -162,7 +162,7 @@ async fn fetch_small_blob(registry: &Registry, descriptor: &Descriptor, path: &P
     if fs::read(path).is_ok_and(|bytes| sha256_digest(&bytes) == digest) {
         return Ok(());
     }
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(16);
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(4);
     let collector = tokio::spawn(async move {
         let mut data = Vec::new();
         while let Some(piece) = receiver.recv().await {
@@ -405,7 +405,7 @@ fn spawn_decoder(
     offset: u64,
     uncompressed_size: Option<u64>,
 ) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<DecodeResult>) {
-    let (sender, mut receiver) = mpsc::channel::<Bytes>(16);
+    let (sender, mut receiver) = mpsc::channel::<Bytes>(4);
     let worker = tokio::task::spawn_blocking(move || -> DecodeResult {
         let mut decoder = PushDecoder::new();
         let mut sink = crate::sink::LayerSink::new(disk, offset, uncompressed_size);
@@ -430,6 +430,9 @@ async fn stream_blob(
     let size = descriptor.size();
     let mut hasher = Sha256::new();
     let mut received = 0u64;
+    // Bytes received but not yet handed to the decoder: the body arrives in pieces of a few KiB,
+    // and one channel hand-over (and decoder wake-up) per piece cost more CPU than the copy.
+    let mut batch = BytesMut::with_capacity(HANDOVER);
     let mut retries = Retries::new(registry.retry_policy());
     loop {
         let before = received;
@@ -452,7 +455,13 @@ async fn stream_blob(
                 hasher.update(&chunk);
                 received += chunk.len() as u64;
                 advance(chunk.len() as u64);
-                sender.send(chunk).await.map_err(|_| anyhow!(DecoderStopped))?;
+                batch.extend_from_slice(&chunk);
+                if batch.len() >= HANDOVER {
+                    sender
+                        .send(batch.split().freeze())
+                        .await
+                        .map_err(|_| anyhow!(DecoderStopped))?;
+                }
             }
             if received < size {
                 return Err(anyhow::Error::from(std::io::Error::new(
@@ -463,6 +472,14 @@ async fn stream_blob(
             Ok(())
         }
         .await;
+        // Whatever was counted as received goes to the decoder, also before a retry resumes
+        // after it.
+        if !batch.is_empty() {
+            sender
+                .send(batch.split().freeze())
+                .await
+                .map_err(|_| anyhow!(DecoderStopped))?;
+        }
         match result {
             Ok(()) => break,
             // Every declared byte is here (the connection failed after them, e.g. the registry
@@ -478,6 +495,9 @@ async fn stream_blob(
     );
     Ok(())
 }
+
+/// Bytes handed to a layer's decoder at once.
+const HANDOVER: usize = 1 << 20;
 
 /// Where a pull of the image with this manifest digest stages its work.
 fn staging_path(home: &TartHome, manifest_digest: &str) -> PathBuf {
