@@ -281,6 +281,8 @@ step qemu-after-hung-stop inside pgrep -c qemu-system
 step state-after-hung-stop inside systemctl show -p Result tart@guest
 
 inside systemctl start tart@missing
+# Type=exec: the unit is active once tart runs; it fails a moment later, when tart exits.
+inside sh -c 'for _ in $(seq 100); do systemctl is-active -q tart@missing || exit 0; sleep 0.1; done'
 step missing-state inside systemctl show -p ActiveState -p Result -p NRestarts tart@missing
 step missing-journal inside journalctl -u tart@missing --no-pager -o cat
 
