@@ -128,11 +128,6 @@ impl<'a> ArchiveReader<'a> {
         })
     }
 
-    /// Offset in the uncompressed stream, e.g. for progress.
-    pub fn position(&self) -> u64 {
-        self.stream.offset
-    }
-
     /// The next entry's header, after skipping whatever is left of the current entry's blobs.
     pub fn next_entry(&mut self) -> Result<Option<Header>> {
         while self.next_blob()?.is_some() {

@@ -223,7 +223,6 @@ pub struct PbzeWriter<W: Write> {
     depth: usize,
     pending: VecDeque<Pending<(usize, Vec<u8>)>>,
     zero_payload: OnceCell<Vec<u8>>,
-    written: u64,
 }
 
 impl<W: Write> PbzeWriter<W> {
@@ -243,13 +242,7 @@ impl<W: Write> PbzeWriter<W> {
             depth: pipeline_depth(block_size as u64, workers()),
             pending: VecDeque::new(),
             zero_payload: OnceCell::new(),
-            written: 12,
         })
-    }
-
-    /// Compressed bytes handed to the output so far.
-    pub fn bytes_written(&self) -> u64 {
-        self.written
     }
 
     fn zero_block(&self) -> Vec<u8> {
@@ -289,7 +282,6 @@ impl<W: Write> PbzeWriter<W> {
         header[8..].copy_from_slice(&(payload.len() as u64).to_be_bytes());
         self.output.write_all(&header)?;
         self.output.write_all(&payload)?;
-        self.written += 16 + payload.len() as u64;
         Ok(())
     }
 

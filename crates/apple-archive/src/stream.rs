@@ -56,7 +56,7 @@ pub(crate) struct Stream<'a> {
     blocks: Box<dyn Blocks + 'a>,
     current: Block,
     pos: usize,
-    /// Bytes consumed so far, for error messages and progress.
+    /// Bytes consumed so far, for error messages.
     pub(crate) offset: u64,
 }
 

@@ -48,7 +48,7 @@ pub fn copy_sparse_range(
 
 /// Start of the first data region at or after `offset`: `u64::MAX` when only a hole follows,
 /// `offset` itself where the filesystem cannot tell (no SEEK_DATA), so callers read everything.
-pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<u64> {
+pub fn seek_data(file: &File, offset: u64) -> io::Result<u64> {
     match lseek(file, offset, libc::SEEK_DATA) {
         Ok(start) => Ok(start),
         Err(err) if err.raw_os_error() == Some(libc::ENXIO) => Ok(u64::MAX),

@@ -389,7 +389,6 @@ fn extract_entry(header: &Header, root: &Path, reader: &mut ArchiveReader, archi
                 })?;
             let len = extract_file_data(&file, reader, archive, &shown)?;
             file.set_len(len)
-                .and_then(|()| file.sync_all())
                 .map_err(io_context(format!("failed to write {shown}")))?;
             if let Some(Value::Time { seconds, nanos }) = header.get(Key::MTM) {
                 if let Ok(seconds) = u64::try_from(*seconds) {

@@ -461,6 +461,8 @@ async fn stream_blob(
                         .send(batch.split().freeze())
                         .await
                         .map_err(|_| anyhow!(DecoderStopped))?;
+                    // One allocation per hand-over, not a chain of regrowths as pieces arrive.
+                    batch.reserve(HANDOVER);
                 }
             }
             if received < size {

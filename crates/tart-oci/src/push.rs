@@ -5,7 +5,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -236,7 +235,7 @@ fn compress_chunk(disk: &File, offset: u64, length: u64, spill_dir: &Path) -> st
         hasher: Sha256::new(),
         len: 0,
     };
-    let mut data_at = next_data(disk, offset)?;
+    let mut data_at = tart_home::seek_data(disk, offset)?;
     let uncompressed_digest = if length == media::DISK_CHUNK_SIZE && data_at >= offset + length {
         let (compressed, digest) = zero_chunk();
         output.write_all(compressed)?;
@@ -250,7 +249,7 @@ fn compress_chunk(disk: &File, offset: u64, length: u64, spill_dir: &Path) -> st
             let position = offset + done;
             let n = (length - done).min(PIECE as u64) as usize;
             if data_at < position {
-                data_at = next_data(disk, position)?;
+                data_at = tart_home::seek_data(disk, position)?;
             }
             let piece = if data_at >= position + n as u64 {
                 &ZEROS[..n]
@@ -276,20 +275,6 @@ fn compress_chunk(disk: &File, offset: u64, length: u64, spill_dir: &Path) -> st
 
 const PIECE: usize = 4 << 20;
 static ZEROS: [u8; PIECE] = [0; PIECE];
-
-/// Where the next data after `position` starts (`u64::MAX` if none); where the filesystem
-/// cannot tell, everything is data.
-fn next_data(disk: &File, position: u64) -> std::io::Result<u64> {
-    // SAFETY: lseek on a descriptor we own.
-    let found = unsafe { libc::lseek(disk.as_raw_fd(), position as libc::off_t, libc::SEEK_DATA) };
-    if found >= 0 {
-        return Ok(found as u64);
-    }
-    match std::io::Error::last_os_error().raw_os_error() {
-        Some(libc::ENXIO) => Ok(u64::MAX),
-        _ => Ok(position),
-    }
-}
 
 /// The compressed blob and uncompressed digest of a 512 MiB all-zero chunk.
 fn zero_chunk() -> &'static (Vec<u8>, String) {
