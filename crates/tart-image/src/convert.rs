@@ -94,7 +94,7 @@ pub fn check_disk_size(info: &ImageInfo, size: u64) -> Result<()> {
 }
 
 /// Converts the image at `source` into a new sparse raw disk at `target` (holes stay holes),
-/// grown to `size` bytes when given, and syncs it.
+/// grown to `size` bytes when given. Made in a staging directory, whose move into place syncs it.
 pub fn convert_to_raw(source: &Path, info: &ImageInfo, target: &Path, size: Option<u64>) -> Result<()> {
     if let Some(size) = size {
         check_disk_size(info, size)?;
@@ -120,7 +120,7 @@ pub fn convert_to_raw(source: &Path, info: &ImageInfo, target: &Path, size: Opti
     if let Some(size) = size.filter(|&size| size > info.virtual_size) {
         disk.set_len(size).map_err(io_context(context()))?;
     }
-    disk.sync_all().map_err(io_context(context()))
+    Ok(())
 }
 
 fn qemu_img(args: &[&str], path: &Path) -> Result<std::process::Output> {

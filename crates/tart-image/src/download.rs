@@ -85,13 +85,9 @@ pub fn download(
     fs::write(staging.path().join(SHA256), format!("{sha256}\n"))
         .and_then(|()| fs::write(staging.path().join("url"), format!("{url}\n")))
         .and_then(|()| fs::rename(&partial, staging.path().join(IMAGE)))
-        .and_then(|()| File::open(staging.path())?.sync_all())
         .map_err(io_context(format!("failed to store the download of {url}")))?;
-    fs::create_dir_all(&cache.images).map_err(io_context(format!("failed to create {}", cache.images.display())))?;
+    // Syncs the download and its directory, creates cache/images durably, syncs it after.
     staging.persist(&cached, true)?;
-    File::open(&cache.images)
-        .and_then(|dir| dir.sync_all())
-        .map_err(io_context(format!("failed to sync {}", cache.images.display())))?;
     Ok(cached.join(IMAGE))
 }
 
