@@ -1,5 +1,6 @@
 use std::io::{self, Write};
 use std::mem;
+use std::sync::OnceLock;
 
 use crate::{BLOCK_SIZE, MAGIC_COMPRESSED, MAGIC_END, MAGIC_STORED};
 
@@ -50,7 +51,15 @@ impl<W: Write> Encoder<W> {
         // Zero runs dominate disk images. Without a dictionary the codec encodes a zero block as
         // one offset-1 match, which decoders expand with a memset; with one it picks a small
         // offset into the dictionary that decoders copy byte by byte, several times slower.
-        let dict: &[u8] = if is_all_zero(&self.block) { &[] } else { &self.previous };
+        let zero = is_all_zero(&self.block);
+        if zero && len == BLOCK_SIZE {
+            // Always the same bytes: encoded once per process, not once per 64 KiB of zeros.
+            self.inner.write_all(zero_block())?;
+            mem::swap(&mut self.block, &mut self.previous);
+            self.block.clear();
+            return Ok(());
+        }
+        let dict: &[u8] = if zero { &[] } else { &self.previous };
         let compressed =
             lz4_flex::block::compress_into_with_dict(&self.block, &mut self.encoded[COMPRESSED_HEADER_LEN..], dict)
                 .map_err(io::Error::other)?;
@@ -71,6 +80,22 @@ impl<W: Write> Encoder<W> {
         self.block.clear();
         Ok(())
     }
+}
+
+/// A full block of zeros as [`Encoder::write_block`] encodes it, header included.
+fn zero_block() -> &'static [u8] {
+    static ZERO_BLOCK: OnceLock<Vec<u8>> = OnceLock::new();
+    ZERO_BLOCK.get_or_init(|| {
+        let zeros = vec![0u8; BLOCK_SIZE];
+        let mut block = vec![0; COMPRESSED_HEADER_LEN + lz4_flex::block::get_maximum_output_size(BLOCK_SIZE)];
+        let compressed = lz4_flex::block::compress_into_with_dict(&zeros, &mut block[COMPRESSED_HEADER_LEN..], &[])
+            .expect("the buffer has room for any block");
+        block[..4].copy_from_slice(&MAGIC_COMPRESSED);
+        block[4..8].copy_from_slice(&block_len_u32(BLOCK_SIZE).to_le_bytes());
+        block[8..12].copy_from_slice(&block_len_u32(compressed).to_le_bytes());
+        block.truncate(COMPRESSED_HEADER_LEN + compressed);
+        block
+    })
 }
 
 fn is_all_zero(data: &[u8]) -> bool {

@@ -34,6 +34,47 @@ pub struct VmConfig {
     pub display_refit: Option<bool>,
     #[serde(default, deserialize_with = "DiskFormat::deserialize_lenient")]
     pub disk_format: DiskFormat,
+    /// The registry format the VM came in; absent for Tart's own (and VMs made locally). Keys
+    /// Tart does not know are ignored by Tart, so configs with them stay Tart-readable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_format: Option<ImageFormat>,
+    /// Kernel command line for VMs booted directly from a `kernel` file in their directory
+    /// (vetu images carry one); `None` when the VM has no kernel of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel_command_line: Option<String>,
+    /// The firmware the VM boots with when it has no kernel of its own; absent means UEFI, as
+    /// for every Tart VM. `bios` for disks that only boot the legacy way (an MBR boot loader and
+    /// no EFI system partition, as some containerDisks have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_firmware: Option<BootFirmware>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootFirmware {
+    Uefi,
+    /// SeaBIOS, QEMU's default x86 firmware.
+    Bios,
+}
+
+/// The image formats a VM can be pulled in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageFormat {
+    Tart,
+    Vetu,
+    #[serde(rename = "containerdisk")]
+    ContainerDisk,
+}
+
+impl ImageFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageFormat::Tart => "tart",
+            ImageFormat::Vetu => "vetu",
+            ImageFormat::ContainerDisk => "containerdisk",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +238,9 @@ impl VmConfig {
             display: Display::default(),
             display_refit: None,
             disk_format: DiskFormat::Raw,
+            image_format: None,
+            kernel_command_line: None,
+            boot_firmware: None,
         }
     }
 

@@ -192,8 +192,11 @@ impl StagingDir {
                 }
                 _ => {}
             }
-            let busy =
-                FileLock::try_exclusive(&path).map_err(io_context(format!("failed to lock {}", path.display())))?;
+            let busy = match FileLock::try_exclusive(&path) {
+                // Its holder moved it into place (or removed it) since we looked: start over.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                busy => busy.map_err(io_context(format!("failed to lock {}", path.display())))?,
+            };
             let lock = match busy {
                 Some(lock) => lock,
                 None => {

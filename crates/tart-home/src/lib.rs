@@ -16,7 +16,10 @@ pub mod prune;
 mod tvm;
 mod vm;
 
-pub use config::{tart_compact_json, tart_pretty_json, Arch, DiskFormat, Display, DisplayUnit, Os, VmConfig};
+pub use config::{
+    tart_compact_json, tart_pretty_json, Arch, BootFirmware, DiskFormat, Display, DisplayUnit, ImageFormat, Os,
+    VmConfig,
+};
 pub use copy::{clone_file, copy_sparse_range, seek_data, sync_dir};
 pub use error::{Error, Result};
 pub use home::{StagingDir, TartHome, DOWNLOAD_STAGING_PREFIX, PULL_STAGING_PREFIX};

@@ -26,10 +26,7 @@ impl TartHome {
         let target = self.vacant_target(name, force)?;
         let staging = self.staging_dir()?;
         let staged = VmDir::new(staging.path().to_owned());
-        fs::copy(nvram_template, staged.nvram_path()).map_err(io_context(format!(
-            "failed to copy the UEFI variable store template {}",
-            nvram_template.display()
-        )))?;
+        staged.write_fresh_nvram(nvram_template)?;
         fill(&staged)?;
         staged.save_config(&VmConfig::new_linux(Arch::host()))?;
         staged.set_access_date(AccessDate::Now)?;

@@ -38,6 +38,9 @@ pub(crate) const VM_FILES: [&str; 3] = ["config.json", "nvram.bin", "disk.img"];
 /// directory may bump it.
 const ACCESS_MARKER: &str = ".tart-accessed";
 
+/// Files of VMs that boot their own kernel (from vetu images), copied along when present.
+const BOOT_FILES: [&str; 2] = ["kernel", "initramfs"];
+
 impl VmDir {
     pub fn new(path: PathBuf) -> Self {
         VmDir { path }
@@ -57,6 +60,24 @@ impl VmDir {
 
     pub fn nvram_path(&self) -> PathBuf {
         self.path.join("nvram.bin")
+    }
+
+    /// Gives the VM an empty UEFI variable store: a copy of the firmware's template.
+    pub fn write_fresh_nvram(&self, template: &Path) -> Result<()> {
+        fs::copy(template, self.nvram_path()).map_err(io_context(format!(
+            "failed to copy the UEFI variable store template {}",
+            template.display()
+        )))?;
+        Ok(())
+    }
+
+    /// The VM's own kernel, for direct kernel boot (VMs from vetu images).
+    pub fn kernel_path(&self) -> PathBuf {
+        self.path.join(BOOT_FILES[0])
+    }
+
+    pub fn initramfs_path(&self) -> PathBuf {
+        self.path.join(BOOT_FILES[1])
     }
 
     pub fn state_path(&self) -> PathBuf {
@@ -143,11 +164,17 @@ impl VmDir {
     }
 
     fn sum_files(&self, size: impl Fn(&fs::Metadata) -> u64) -> Result<u64> {
-        VM_FILES.iter().try_fold(0u64, |total, file| {
+        let required = VM_FILES.iter().try_fold(0u64, |total, file| {
             let path = self.path.join(file);
             let meta = fs::metadata(&path).map_err(io_context(format!("failed to stat {}", path.display())))?;
-            Ok(total + size(&meta))
-        })
+            Ok::<_, Error>(total + size(&meta))
+        })?;
+        let boot: u64 = BOOT_FILES
+            .iter()
+            .filter_map(|file| fs::metadata(self.path.join(file)).ok())
+            .map(|meta| size(&meta))
+            .sum();
+        Ok(required + boot)
     }
 
     pub fn access_date(&self) -> SystemTime {
@@ -188,6 +215,12 @@ impl VmDir {
         if with_state && self.state_path().exists() {
             files.push(self.state_path());
         }
+        files.extend(
+            BOOT_FILES
+                .iter()
+                .map(|name| self.path.join(name))
+                .filter(|path| path.exists()),
+        );
         for file in &files {
             let name = file.file_name().expect("VM file paths have names");
             crate::clone_file(file, &target.join(name))

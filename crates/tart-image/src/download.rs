@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tart_home::{StagingDir, DOWNLOAD_STAGING_PREFIX};
-use tart_oci::progress::Progress;
+use tart_progress::Progress;
 
 use crate::{inspect, io_context, refused, Error, Result};
 

@@ -87,10 +87,20 @@ impl OciCache {
 
     /// Deletes the given digest directories, then the tags left dangling.
     pub fn remove_images(&self, digest_dirs: &[PathBuf]) -> io::Result<()> {
+        let _lock = self.lock()?;
         for dir in digest_dirs {
-            fs::remove_dir_all(dir)?;
+            remove_dir_if_present(dir)?;
         }
-        self.gc()
+        self.gc_locked()
+    }
+
+    /// Serialises the changes to which images are reachable: an image moved into the cache
+    /// and its tag link are made under this lock, and garbage collection runs under it, so
+    /// another process's collection never sees (and deletes) an image whose tag is not made
+    /// yet. Held for moments only.
+    pub fn lock(&self) -> io::Result<tart_home::FileLock> {
+        fs::create_dir_all(&self.root)?;
+        tart_home::FileLock::exclusive(&self.root).map_err(io::Error::other)
     }
 
     /// Automatic pruning (§6.3): makes room for `required` bytes by deleting the least recently
@@ -153,15 +163,25 @@ impl OciCache {
         tags: &[RemoteName],
     ) -> anyhow::Result<()> {
         let image_dir = self.path_for(digest_name);
-        if !VmDir::new(image_dir.clone()).is_initialized() {
+        let staged = if VmDir::new(image_dir.clone()).is_initialized() {
+            None
+        } else {
             let staging = home.staging_dir()?;
             vm.copy_files_into(staging.path(), false)?;
             fs::write(staging.path().join("manifest.json"), manifest)?;
+            Some(staging)
+        };
+        let _lock = self.lock()?;
+        if let Some(staging) = staged {
             match staging.persist(&image_dir, false) {
                 Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
             }
         }
+        anyhow::ensure!(
+            VmDir::new(image_dir.clone()).is_initialized(),
+            "{digest_name} was removed from the cache by another tart process before it could be tagged"
+        );
         for tag in tags.iter().filter(|t| matches!(t.reference, Reference::Tag(_))) {
             crate::pull::link(&self.path_for(tag), &image_dir)?;
         }
@@ -172,26 +192,37 @@ impl OciCache {
     /// Removes a tag or a digest entry, then collects what became unreachable.
     pub fn delete(&self, name: &RemoteName) -> io::Result<bool> {
         let path = self.path_for(name);
+        let _lock = self.lock()?;
         let removed = match fs::symlink_metadata(&path) {
             Ok(meta) if meta.is_dir() => fs::remove_dir_all(&path).map(|_| true)?,
             Ok(_) => fs::remove_file(&path).map(|_| true)?,
             Err(err) if err.kind() == io::ErrorKind::NotFound => false,
             Err(err) => return Err(err),
         };
-        self.gc()?;
+        self.gc_locked()?;
         Ok(removed)
     }
 
     /// Tart's cache GC: drop dangling tag symlinks, then every digest directory that no tag
     /// points to and that was not pulled explicitly by digest.
     pub fn gc(&self) -> io::Result<()> {
+        let _lock = self.lock()?;
+        self.gc_locked()
+    }
+
+    /// [`OciCache::gc`] for callers that hold [`OciCache::lock`]. Entries that vanish while it
+    /// looks (another process's temporary tag link, renamed into place) are passed over.
+    pub fn gc_locked(&self) -> io::Result<()> {
         let mut digest_dirs = Vec::new();
         let mut incoming: HashMap<PathBuf, usize> = HashMap::new();
         walk_cache(&self.root, &mut |path, meta| {
             if meta.is_symlink() {
                 match fs::canonicalize(path) {
                     Ok(target) => *incoming.entry(target).or_default() += 1,
-                    Err(_) => fs::remove_file(path)?,
+                    Err(_) => match fs::remove_file(path) {
+                        Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+                        _ => {}
+                    },
                 }
             } else if is_digest_dir(path) {
                 digest_dirs.push(path.to_owned());
@@ -201,7 +232,7 @@ impl OciCache {
         for dir in digest_dirs {
             let linked = fs::canonicalize(&dir).is_ok_and(|real| incoming.contains_key(&real));
             if !linked && !dir.join(EXPLICITLY_PULLED).exists() {
-                fs::remove_dir_all(&dir)?;
+                remove_dir_if_present(&dir)?;
             }
         }
         Ok(())
@@ -212,6 +243,13 @@ fn is_digest_dir(path: &Path) -> bool {
     path.file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| n.starts_with("sha256:"))
+}
+
+fn remove_dir_if_present(dir: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
+        result => result,
+    }
 }
 
 fn read_dir_or_empty(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
@@ -227,7 +265,10 @@ fn read_dir_or_empty(dir: &Path) -> io::Result<Vec<fs::DirEntry>> {
 fn walk_cache(dir: &Path, visit: &mut dyn FnMut(&Path, &fs::Metadata) -> io::Result<()>) -> io::Result<()> {
     for entry in read_dir_or_empty(dir)? {
         let path = entry.path();
-        let meta = fs::symlink_metadata(&path)?;
+        let meta = match fs::symlink_metadata(&path) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            meta => meta?,
+        };
         if meta.is_symlink() || is_digest_dir(&path) {
             visit(&path, &meta)?;
         } else if meta.is_dir() {

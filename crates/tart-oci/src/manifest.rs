@@ -36,11 +36,21 @@ pub struct DiskLayer {
     pub uncompressed_digest: String,
     /// Where the chunk goes in `disk.img`: the sum of the sizes of the chunks before it.
     pub offset: u64,
+    pub codec: DiskCodec,
+}
+
+/// How a disk layer is compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskCodec {
+    /// Tart: Apple's `bv41` LZ4 stream.
+    AppleLz4,
+    /// vetu: one standard LZ4 frame.
+    Lz4Frame,
 }
 
 /// Small blobs are held in memory; a manifest claiming more than this is refused rather than
 /// trusted with our memory.
-const MAX_SMALL_BLOB: u64 = 256 << 20;
+pub(crate) const MAX_SMALL_BLOB: u64 = 256 << 20;
 
 impl TartManifest {
     pub fn parse(bytes: &[u8]) -> Result<Self> {
@@ -93,6 +103,7 @@ impl TartManifest {
                         uncompressed_size: size,
                         uncompressed_digest: digest,
                         offset,
+                        codec: DiskCodec::AppleLz4,
                     });
                     offset += size;
                 }
@@ -145,7 +156,7 @@ impl TartManifest {
     }
 }
 
-fn check_descriptor(descriptor: &Descriptor) -> Result<()> {
+pub(crate) fn check_descriptor(descriptor: &Descriptor) -> Result<()> {
     check_digest(descriptor.digest().as_ref())
 }
 

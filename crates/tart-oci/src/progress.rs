@@ -1,10 +1,2 @@
-/// Where the push/pull engine reports what it is doing. The CLI draws progress bars on a
-/// terminal and prints Tart's plain lines otherwise (Packer and the GitLab executor read them).
-pub trait Progress: Send + Sync {
-    /// One of Tart's status lines, e.g. `pulling disk (1.2 GB compressed)...`.
-    fn line(&self, text: &str);
-    /// Starts counting `total` bytes of a transfer.
-    fn begin(&self, total: u64);
-    fn advance(&self, bytes: u64);
-    fn end(&self);
-}
+//! Re-exported so that the engine's users keep naming it `tart_oci::progress::Progress`.
+pub use tart_progress::Progress;

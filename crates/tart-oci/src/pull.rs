@@ -15,15 +15,18 @@ use bytes::{Bytes, BytesMut};
 use futures_util::{StreamExt, TryStreamExt};
 use oci_spec::image::Descriptor;
 use sha2::{Digest as _, Sha256};
-use tart_home::{AccessDate, StagingDir, TartHome, VmDir, PULL_STAGING_PREFIX};
+use tart_home::{AccessDate, Arch, ImageFormat, StagingDir, TartHome, VmDir, PULL_STAGING_PREFIX};
 use tokio::sync::mpsc;
 
 use crate::cache::EXPLICITLY_PULLED;
-use crate::manifest::{sha256_digest, DiskLayer, DiskLayers, TartManifest};
+use crate::format::ImageManifest;
+use crate::manifest::{sha256_digest, DiskCodec, DiskLayer, DiskLayers, TartManifest};
+use crate::platform;
 use crate::progress::Progress;
 use crate::registry::Registry;
 use crate::retry::Retries;
 use crate::reuse::{copy_verified, is_zero_chunk, LocalChunks};
+use crate::sink::DiskImage;
 use crate::{OciCache, Reference, RemoteName};
 
 #[derive(Clone, Debug)]
@@ -32,6 +35,11 @@ pub struct PullOptions {
     pub concurrency: usize,
     /// Make room in the cache before pulling (unless `TART_NO_AUTO_PRUNE`).
     pub auto_prune: bool,
+    /// The platform taken from a multi-arch index (`--arch`); the host's when `None`.
+    pub arch: Option<Arch>,
+    /// The file of a containerDisk to use as the disk (`--containerdisk-path`), where it has
+    /// several.
+    pub containerdisk_path: Option<String>,
 }
 
 /// Room kept free beyond the image itself, as Tart does.
@@ -46,16 +54,25 @@ pub async fn pull(
     options: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<VmDir> {
-    let (manifest_bytes, digest) = registry
-        .with_retries("pulling manifest", || registry.manifest(name.reference.value()))
-        .await?;
-    let manifest = TartManifest::parse(&manifest_bytes)?;
+    // An index names one manifest per platform: the image is that manifest, cached under its
+    // digest, which the tag then points to.
+    let (manifest_bytes, digest) = platform::resolve(registry, name.reference.value(), options.arch, progress).await?;
+    let manifest = ImageManifest::parse(&manifest_bytes)?;
     let digest_name = name.with_digest(&digest);
     let image_dir = cache.path_for(&digest_name);
     let by_tag = matches!(name.reference, Reference::Tag(_));
     let tag_path = cache.path_for(name);
+    let chosen_disk = crate::containerdisk::check_disk_choice(
+        &digest_name,
+        manifest.format(),
+        options.containerdisk_path.as_deref(),
+        &image_dir,
+    )?;
 
     let cached = |dir: &Path| VmDir::new(dir.to_owned()).is_initialized();
+    // Taken before the image moves into the cache, so that no other process's garbage
+    // collection sees it untagged.
+    let mut cache_lock = None;
     if cached(&image_dir) && (!by_tag || fs::canonicalize(&tag_path).ok() == fs::canonicalize(&image_dir).ok()) {
         progress.line(&format!("{digest_name} image is already cached and linked!"));
     } else if cached(&image_dir) {
@@ -80,22 +97,50 @@ pub async fn pull(
                 }
             }
             if options.auto_prune {
-                if let Some(size) = manifest.uncompressed_disk_size {
+                if let Some(size) = manifest.uncompressed_disk_size() {
                     cache
                         .reclaim_if_needed(size + PRUNE_RESERVE, None)
                         .context("failed to prune the OCI cache")?;
                 }
             }
-            download(
-                registry,
-                cache,
-                &manifest,
-                &manifest_bytes,
-                staging.path(),
-                options,
-                progress,
-            )
-            .await?;
+            match &manifest {
+                ImageManifest::Tart(tart) => {
+                    download(
+                        registry,
+                        cache,
+                        tart,
+                        &manifest_bytes,
+                        staging.path(),
+                        options,
+                        progress,
+                    )
+                    .await?
+                }
+                ImageManifest::Vetu(vetu) => {
+                    crate::vetu::download(
+                        registry,
+                        cache,
+                        vetu,
+                        &manifest_bytes,
+                        staging.path(),
+                        options,
+                        progress,
+                    )
+                    .await?
+                }
+                ImageManifest::ContainerDisk => {
+                    crate::containerdisk::download(
+                        registry,
+                        &manifest_bytes,
+                        chosen_disk.as_deref(),
+                        staging.path(),
+                        progress,
+                    )
+                    .await?
+                }
+            }
+            adopt_config(staging.path(), manifest.format(), progress)?;
+            cache_lock = Some(cache.lock().context("OCI storage error")?);
             match staging.persist(&image_dir, false) {
                 Ok(()) | Err(tart_home::Error::VmAlreadyExists(_)) => {}
                 Err(err) => return Err(err.into()),
@@ -103,10 +148,18 @@ pub async fn pull(
         }
     }
 
+    let _cache_lock = match cache_lock {
+        Some(lock) => lock,
+        None => cache.lock().context("OCI storage error")?,
+    };
+    ensure!(
+        cached(&image_dir),
+        "{digest_name} was removed from the cache (pruned by another tart process?) before it could be linked; pull it again"
+    );
     let image = VmDir::new(image_dir.clone());
     if by_tag {
         link(&tag_path, &image_dir)?;
-        cache.gc().context("OCI storage error")?;
+        cache.gc_locked().context("OCI storage error")?;
     } else {
         File::create(image_dir.join(EXPLICITLY_PULLED)).context("failed to mark the image as pulled by digest")?;
     }
@@ -127,6 +180,26 @@ fn file_name(path: &Path) -> String {
     path.file_name().unwrap_or_default().to_string_lossy().into_owned()
 }
 
+/// Records in the pulled VM's config which format it came in (`tart list`/`get` show it; Tart's
+/// own configs stay as pushed), and says so when the VM will run emulated.
+fn adopt_config(staging: &Path, format: ImageFormat, progress: &dyn Progress) -> Result<()> {
+    let vm = VmDir::new(staging.to_owned());
+    let mut config = vm.config()?;
+    if format != ImageFormat::Tart && config.image_format != Some(format) {
+        config.image_format = Some(format);
+        vm.save_config(&config)?;
+    }
+    let host = Arch::host();
+    if config.arch != host {
+        progress.line(&format!(
+            "note: this is an {} VM; on this {} host it will run under emulation (QEMU's TCG), much slower than natively",
+            config.arch.as_str(),
+            host.as_str()
+        ));
+    }
+    Ok(())
+}
+
 async fn download(
     registry: &Registry,
     cache: &OciCache,
@@ -137,18 +210,13 @@ async fn download(
     progress: &dyn Progress,
 ) -> Result<()> {
     fetch_small_blob(registry, &manifest.config, &staging.join("config.json")).await?;
-    let compressed = manifest.disk_compressed_size();
-    progress.line(&format!(
-        "pulling disk ({:.1} GB compressed)...",
-        compressed as f64 / 1e9
-    ));
-    progress.begin(compressed);
-    let disk = match &manifest.disk {
-        DiskLayers::V2(layers) => pull_disk_v2(registry, cache, layers, staging, options, progress).await,
-        DiskLayers::V1(layers) => pull_disk_v1(registry, layers, staging, progress).await,
+    let disk = async {
+        match &manifest.disk {
+            DiskLayers::V2(layers) => pull_disk_v2(registry, cache, layers, staging, options, progress).await,
+            DiskLayers::V1(layers) => pull_disk_v1(registry, layers, staging, progress).await,
+        }
     };
-    progress.end();
-    disk?;
+    with_disk_progress(progress, manifest.disk_compressed_size(), disk).await?;
     progress.line("pulling NVRAM...");
     fetch_small_blob(registry, &manifest.nvram, &staging.join("nvram.bin")).await?;
     fs::write(staging.join("manifest.json"), manifest_bytes).context("failed to write manifest.json")?;
@@ -157,7 +225,7 @@ async fn download(
 
 /// Config and NVRAM: downloaded into memory (resumed like disk layers) and verified; kept from
 /// an earlier attempt if intact.
-async fn fetch_small_blob(registry: &Registry, descriptor: &Descriptor, path: &Path) -> Result<()> {
+pub(crate) async fn fetch_small_blob(registry: &Registry, descriptor: &Descriptor, path: &Path) -> Result<()> {
     let digest = descriptor.digest().to_string();
     if fs::read(path).is_ok_and(|bytes| sha256_digest(&bytes) == digest) {
         return Ok(());
@@ -212,7 +280,25 @@ impl Journal {
     }
 }
 
-async fn pull_disk_v2(
+/// Runs a disk download under Tart's `pulling disk (… GB compressed)...` line and a progress
+/// count of its compressed bytes.
+pub(crate) async fn with_disk_progress(
+    progress: &dyn Progress,
+    compressed: u64,
+    transfer: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    progress.line(&format!(
+        "pulling disk ({:.1} GB compressed)...",
+        compressed as f64 / 1e9
+    ));
+    progress.begin(compressed);
+    let result = transfer.await;
+    progress.end();
+    result
+}
+
+/// Disk layers known by their uncompressed digests (Tart's v2, vetu's) into `disk.img`.
+pub(crate) async fn pull_disk_v2(
     registry: &Registry,
     cache: &OciCache,
     layers: &[DiskLayer],
@@ -254,6 +340,7 @@ async fn pull_disk_v2(
                         disk.clone(),
                         layer.offset,
                         Some(layer.uncompressed_size),
+                        layer.codec,
                         progress,
                     )
                     .await?;
@@ -290,7 +377,7 @@ async fn pull_disk_v2(
 /// Fills a chunk without the network when it is all zeros or a cached image has it.
 async fn obtain_locally(
     layer: &DiskLayer,
-    disk: &Arc<File>,
+    disk: &Arc<DiskImage>,
     local: &LocalChunks,
     progress: &dyn Progress,
 ) -> Result<bool> {
@@ -299,11 +386,11 @@ async fn obtain_locally(
     let disk = disk.clone();
     let obtained = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
         if is_zero_chunk(&layer_copy) {
-            crate::sink::punch_hole(&disk, layer_copy.offset, layer_copy.uncompressed_size)?;
+            disk.punch_hole(layer_copy.offset, layer_copy.uncompressed_size)?;
             return Ok(true);
         }
         match source {
-            Some((path, offset)) => copy_verified(&path, offset, &disk, &layer_copy),
+            Some((path, offset)) => copy_verified(&path, offset, disk.file(), &layer_copy),
             None => Ok(false),
         }
     })
@@ -330,7 +417,7 @@ async fn pull_disk_v1(
     let path = staging.join("disk.img");
     let _ = fs::remove_file(&path);
     let disk = open_disk(&path, None)?;
-    let (sender, worker) = spawn_decoder(disk.clone(), 0, None);
+    let (sender, worker) = spawn_decoder(disk.clone(), 0, None, DiskCodec::AppleLz4);
     let mut sender = Some(sender);
     for layer in layers {
         let tx = sender.as_ref().expect("sender lives until all layers are sent");
@@ -345,19 +432,12 @@ async fn pull_disk_v1(
     disk.sync_data().context("failed to sync disk.img")
 }
 
-fn open_disk(path: &Path, size: Option<u64>) -> Result<Arc<File>> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .with_context(|| format!("failed to open {}", path.display()))?;
-    if let Some(size) = size {
-        file.set_len(size)
-            .with_context(|| format!("failed to size {} to {size} bytes", path.display()))?;
-    }
-    Ok(Arc::new(file))
+fn open_disk(path: &Path, size: Option<u64>) -> Result<Arc<DiskImage>> {
+    let disk = DiskImage::open(path, size).with_context(|| match size {
+        Some(size) => format!("failed to create {} of {size} bytes", path.display()),
+        None => format!("failed to open {}", path.display()),
+    })?;
+    Ok(Arc::new(disk))
 }
 
 /// One disk layer: downloaded (resuming with `Range` after transport errors), verified against
@@ -365,12 +445,13 @@ fn open_disk(path: &Path, size: Option<u64>) -> Result<Arc<File>> {
 async fn pull_layer(
     registry: &Registry,
     descriptor: &Descriptor,
-    disk: Arc<File>,
+    disk: Arc<DiskImage>,
     offset: u64,
     uncompressed_size: Option<u64>,
+    codec: DiskCodec,
     progress: &dyn Progress,
 ) -> Result<(u64, String)> {
-    let (sender, worker) = spawn_decoder(disk, offset, uncompressed_size);
+    let (sender, worker) = spawn_decoder(disk, offset, uncompressed_size, codec);
     let streamed = stream_blob(registry, descriptor, &sender, &|n| progress.advance(n)).await;
     drop(sender);
     let decoded = worker.await?;
@@ -401,18 +482,24 @@ type DecodeResult = Result<(u64, String)>;
 /// Decompression and disk writes run on a blocking thread fed through a small bounded channel,
 /// so memory stays bounded however fast the network is.
 fn spawn_decoder(
-    disk: Arc<File>,
+    disk: Arc<DiskImage>,
     offset: u64,
     uncompressed_size: Option<u64>,
+    codec: DiskCodec,
 ) -> (mpsc::Sender<Bytes>, tokio::task::JoinHandle<DecodeResult>) {
     let (sender, mut receiver) = mpsc::channel::<Bytes>(4);
     let worker = tokio::task::spawn_blocking(move || -> DecodeResult {
-        let mut decoder = PushDecoder::new();
         let mut sink = crate::sink::LayerSink::new(disk, offset, uncompressed_size);
-        while let Some(chunk) = receiver.blocking_recv() {
-            decoder.feed(&chunk, &mut sink)?;
+        match codec {
+            DiskCodec::AppleLz4 => {
+                let mut decoder = PushDecoder::new();
+                while let Some(chunk) = receiver.blocking_recv() {
+                    decoder.feed(&chunk, &mut sink)?;
+                }
+                decoder.finish()?;
+            }
+            DiskCodec::Lz4Frame => crate::lz4frame::decode(receiver, &mut sink)?,
         }
-        decoder.finish()?;
         Ok(sink.finish()?)
     });
     (sender, worker)
@@ -420,7 +507,7 @@ fn spawn_decoder(
 
 /// Sends a blob's bytes to `sender` in order, exactly once each, resuming with `Range` after a
 /// transport error, and checks the whole against its digest and declared size.
-async fn stream_blob(
+pub(crate) async fn stream_blob(
     registry: &Registry,
     descriptor: &Descriptor,
     sender: &mpsc::Sender<Bytes>,

@@ -51,7 +51,9 @@ pub async fn push_vm(
     progress: &dyn Progress,
 ) -> Result<Pushed> {
     registry.authenticate(oci_client::RegistryOperation::Push).await?;
-    let config = vm.config()?;
+    let mut config = vm.config()?;
+    // What is pushed is a Tart image, whatever format the VM was pulled in.
+    config.image_format = None;
 
     progress.line("pushing config...");
     let config_bytes = tart_home::tart_compact_json(&config);
@@ -63,14 +65,26 @@ pub async fn push_vm(
     let disk_size = disk.metadata()?.len();
     progress.begin(disk_size);
     let chunks = disk_size.div_ceil(media::DISK_CHUNK_SIZE);
-    let claimed = Mutex::new(HashSet::new());
-    let disk_layers: Result<Vec<Descriptor>> = futures_util::stream::iter(0..chunks)
-        .map(|index| push_disk_chunk(registry, disk.clone(), index, disk_size, options, &claimed, progress))
-        .buffered(options.concurrency.max(1))
+    let claimed = &Mutex::new(HashSet::new());
+    // Unordered: with an ordered window, the chunks after a slow one (data, while its
+    // neighbours are zeros or already uploaded) waited for it, and a disk whose data is spread
+    // out was compressed one chunk at a time.
+    let disk_layers: Result<Vec<(u64, Descriptor)>> = futures_util::stream::iter(0..chunks)
+        .map(|index| {
+            let disk = disk.clone();
+            async move {
+                push_disk_chunk(registry, disk, index, disk_size, options, claimed, progress)
+                    .await
+                    .map(|layer| (index, layer))
+            }
+        })
+        .buffer_unordered(options.concurrency.max(1))
         .try_collect()
         .await;
     progress.end();
-    let disk_layers = disk_layers?;
+    let mut disk_layers = disk_layers?;
+    disk_layers.sort_unstable_by_key(|(index, _)| *index);
+    let disk_layers = disk_layers.into_iter().map(|(_, layer)| layer);
 
     progress.line("pushing NVRAM...");
     let nvram = std::fs::read(vm.nvram_path()).context("failed to read nvram.bin")?;

@@ -167,12 +167,12 @@ impl Registry {
         bail!("{url} answered HTTP {status}")
     }
 
-    /// The manifest bytes as sent and their digest, computed by us. A manifest fetched by digest
+    /// The manifest (or index) bytes as sent and their digest, computed by us. A manifest fetched by digest
     /// must hash to that digest, or the registry is lying.
     pub async fn manifest(&self, reference: &str) -> Result<(Bytes, String)> {
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(&self.reference(reference), &self.auth, &[media::MANIFEST])
+            .pull_manifest_raw(&self.reference(reference), &self.auth, &media::ACCEPTED_MANIFESTS)
             .await
             .map_err(|e| self.describe(e, &format!("pulling manifest {reference}")))?;
         let digest = sha256_digest(&bytes);

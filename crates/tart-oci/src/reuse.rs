@@ -1,7 +1,8 @@
 //! Disk chunks that need no download: all-zero chunks, and chunks that an image already in the
-//! cache holds (§4.9 of the spec). Matching is by *uncompressed* digest, so it works across
-//! images compressed by different tools (Apple's and our LZ4 bytes differ); every reused chunk is
-//! verified against the manifest before it counts.
+//! cache holds (§4.9 of the spec). Matching is by *uncompressed* digest and size, so it works
+//! across images compressed by different tools (Apple's and our LZ4 bytes differ) and across
+//! formats (a vetu image's chunk from a Tart image and back, where their chunks cut the disk at
+//! the same places); every reused chunk is verified against the manifest before it counts.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -10,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest as _, Sha256};
 
-use crate::manifest::{DiskLayer, DiskLayers, TartManifest};
+use crate::format::ImageManifest;
+use crate::manifest::DiskLayer;
 use crate::OciCache;
 
 /// Digest of 512 MiB of zeros, the chunk every sparse disk is mostly made of.
@@ -50,14 +52,10 @@ impl LocalChunks {
             let Ok(bytes) = std::fs::read(entry.vm.path().join("manifest.json")) else {
                 continue;
             };
-            let Ok(TartManifest {
-                disk: DiskLayers::V2(layers),
-                ..
-            }) = TartManifest::parse(&bytes)
-            else {
+            let Ok(manifest) = ImageManifest::parse(&bytes) else {
                 continue;
             };
-            for layer in layers {
+            for layer in manifest.disk_layers() {
                 chunks
                     .entry((layer.uncompressed_digest, layer.uncompressed_size))
                     .or_insert((entry.vm.disk_path(), layer.offset));

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use tart_home::Arch;
 
+use crate::boot::Boot;
 use crate::disk::DiskSource;
 use crate::host::Accel;
 use crate::spec::{NetworkAttachment, SerialDevice, SerialPort, VmSpec};
@@ -83,17 +84,32 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
         &format!("memory-backend-memfd,id=ram0,size={memory_mib}M,share=on"),
     ]);
 
-    push(&[
-        "-drive",
-        &format!(
-            "if=pflash,format=raw,unit=0,readonly=on,file={}",
-            path_opt(&spec.firmware_code)?
-        ),
-    ]);
-    push(&[
-        "-drive",
-        &format!("if=pflash,format=raw,unit=1,file={}", path_opt(&spec.nvram)?),
-    ]);
+    match &spec.boot {
+        Boot::Uefi { code, vars } => {
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", path_opt(code)?),
+            ]);
+            push(&[
+                "-drive",
+                &format!("if=pflash,format=raw,unit=1,file={}", path_opt(vars)?),
+            ]);
+        }
+        Boot::Kernel {
+            kernel,
+            initrd,
+            cmdline,
+        } => {
+            push(&["-kernel", path_str(kernel)?]);
+            if let Some(initrd) = initrd {
+                push(&["-initrd", path_str(initrd)?]);
+            }
+            if !cmdline.is_empty() {
+                push(&["-append", cmdline]);
+            }
+        }
+        Boot::Bios => {}
+    }
 
     let disk = &spec.root_disk_options;
     let mut drive = format!(
@@ -108,7 +124,12 @@ pub fn qemu_args(spec: &VmSpec, runtime: &Runtime) -> Result<Vec<String>> {
         drive.push_str(",discard=unmap");
     }
     push(&["-drive", &drive]);
-    push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]);
+    match spec.boot {
+        Boot::Uefi { .. } | Boot::Bios => push(&["-device", "virtio-blk-pci,drive=root,bootindex=0"]),
+        // The kernel loader holds boot index 0 (QEMU refuses a second one), and nothing is
+        // booted from the disk anyway.
+        Boot::Kernel { .. } => push(&["-device", "virtio-blk-pci,drive=root"]),
+    }
 
     let mut scsi_controller = false;
     for (index, disk) in spec.extra_disks.iter().enumerate() {
@@ -275,9 +296,12 @@ fn escape(value: &str) -> String {
 }
 
 fn path_opt(path: &Path) -> Result<String> {
-    path.to_str()
-        .map(escape)
-        .ok_or_else(|| Error::NonUtf8Path(path.to_owned()))
+    path_str(path).map(escape)
+}
+
+/// A path as a whole argument (`-kernel`), not inside an option list: nothing to escape.
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().ok_or_else(|| Error::NonUtf8Path(path.to_owned()))
 }
 
 #[cfg(test)]
@@ -294,8 +318,10 @@ mod tests {
             accel: Accel::Kvm,
             cpus: 4,
             memory_bytes: 4 << 30,
-            firmware_code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
-            nvram: "/root/.tart/vms/ubuntu/nvram.bin".into(),
+            boot: Boot::Uefi {
+                code: "/usr/share/OVMF/OVMF_CODE_4M.fd".into(),
+                vars: "/root/.tart/vms/ubuntu/nvram.bin".into(),
+            },
             root_disk: "/root/.tart/vms/ubuntu/disk.img".into(),
             root_disk_options: DiskOptions::default(),
             extra_disks: vec![],
@@ -366,6 +392,40 @@ mod tests {
              -chardev socket,id=qmp,path=/run/user/0/tart-qemu-x/qmp.sock,server=on,wait=on \
              -mon chardev=qmp,mode=control"
         );
+    }
+
+    #[test]
+    fn a_bios_vm_gets_no_pflash_and_boots_its_disk_first() {
+        let mut spec = typical();
+        spec.boot = Boot::Bios;
+        let a = args(&spec);
+        assert!(!a.join(" ").contains("pflash"));
+        assert!(values(&a, "-kernel").is_empty());
+        assert!(a.contains(&"virtio-blk-pci,drive=root,bootindex=0".to_owned()));
+    }
+
+    #[test]
+    fn a_vm_with_its_own_kernel_boots_it_without_firmware() {
+        let mut spec = typical();
+        spec.boot = Boot::Kernel {
+            kernel: "/vms/v,1/kernel".into(),
+            initrd: Some("/vms/v,1/initramfs".into()),
+            cmdline: "console=ttyS0 root=/dev/vda1 rw".into(),
+        };
+        let a = args(&spec);
+        assert_eq!(values(&a, "-kernel"), ["/vms/v,1/kernel"]);
+        assert_eq!(values(&a, "-initrd"), ["/vms/v,1/initramfs"]);
+        assert_eq!(values(&a, "-append"), ["console=ttyS0 root=/dev/vda1 rw"]);
+        assert!(!a.join(" ").contains("pflash"));
+        assert!(a.contains(&"virtio-blk-pci,drive=root".to_owned()));
+
+        spec.boot = Boot::Kernel {
+            kernel: "/vms/v/kernel".into(),
+            initrd: None,
+            cmdline: String::new(),
+        };
+        let a = args(&spec);
+        assert!(values(&a, "-initrd").is_empty() && values(&a, "-append").is_empty());
     }
 
     #[test]

@@ -33,6 +33,7 @@
 //! ```
 
 mod argv;
+mod boot;
 mod disk;
 mod error;
 pub mod firmware;
@@ -45,6 +46,7 @@ mod vm;
 mod vsock;
 
 pub use argv::{qemu_args, Runtime};
+pub use boot::{kernel_kind, Boot, KernelKind};
 pub use disk::{
     CachingMode, DiskClaim, DiskOptions, DiskSource, ExtraDisk, ImageFormat, QemuCache, RemoteDiskResolver, SyncMode,
 };

@@ -12,8 +12,9 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use tart_home::{Arch, DiskFormat, MacAddress, Os, VmConfig, VmDir};
+use tart_home::{Arch, BootFirmware, DiskFormat, MacAddress, Os, VmConfig, VmDir};
 
+use crate::boot::{direct_kernel, Boot};
 use crate::disk::ExtraDisk;
 use crate::firmware::{find_firmware, prepare_nvram, NvramChoice};
 use crate::host::{Accel, AccelChoice, HostInfo};
@@ -32,10 +33,9 @@ pub struct VmSpec {
     pub cpus: u32,
     /// Guest RAM, rounded up to whole MiB on the command line.
     pub memory_bytes: u64,
-    /// UEFI firmware code (read-only pflash).
-    pub firmware_code: PathBuf,
-    /// The writable UEFI variable store (pflash): `nvram.bin` or its substitute.
-    pub nvram: PathBuf,
+    /// UEFI firmware and its variable store (`nvram.bin` or its substitute), or the VM's own
+    /// kernel.
+    pub boot: Boot,
     pub root_disk: PathBuf,
     pub root_disk_options: DiskOptions,
     /// `--disk`: more virtio-blk disks (CD-ROMs for ISO images), after the root disk.
@@ -259,14 +259,16 @@ impl RunOptions {
 pub struct PreparedVm {
     pub spec: VmSpec,
     pub accel: AccelChoice,
-    pub nvram: NvramChoice,
+    /// The UEFI variable store, `None` for a VM that boots its own kernel.
+    pub nvram: Option<NvramChoice>,
     /// Lines to print before starting (e.g. the VM is emulated).
     pub warnings: Vec<String>,
 }
 
 impl VmSpec {
     /// Resolves everything for running the VM in `vm` with `config` under `options` on `host`:
-    /// the QEMU binary, the accelerator, the firmware and the variable store (which may create
+    /// the QEMU binary, the accelerator, and how it boots: the VM's own `kernel` when it has one
+    /// (see [`crate::Boot`]), else the firmware and the variable store (which may create
     /// `nvram.qemu.bin` in the VM directory, see [`crate::firmware`]).
     pub fn prepare(vm: &VmDir, config: &VmConfig, options: RunOptions, host: &HostInfo) -> Result<PreparedVm> {
         if config.os == Os::Darwin {
@@ -287,8 +289,27 @@ impl VmSpec {
             check_nested(accel.accel, config.arch)?;
         }
         let qemu_binary = host.qemu_binary(config.arch)?;
-        let firmware = find_firmware(config.arch)?;
-        let nvram = prepare_nvram(&vm.nvram_path(), &firmware)?;
+        let (boot, nvram) = match direct_kernel(vm, config)? {
+            Some(kernel) => (kernel, None),
+            None if config.boot_firmware == Some(BootFirmware::Bios) => {
+                if config.arch != Arch::Amd64 {
+                    return Err(Error::InvalidSpec(format!(
+                        "the VM's config asks for BIOS boot, which only amd64 VMs have, and this VM is {}",
+                        config.arch.as_str()
+                    )));
+                }
+                (Boot::Bios, None)
+            }
+            None => {
+                let firmware = find_firmware(config.arch)?;
+                let nvram = prepare_nvram(&vm.nvram_path(), &firmware)?;
+                let boot = Boot::Uefi {
+                    code: firmware.code,
+                    vars: nvram.path.clone(),
+                };
+                (boot, Some(nvram))
+            }
+        };
         let name = vm
             .path()
             .file_name()
@@ -301,8 +322,7 @@ impl VmSpec {
             accel: accel.accel,
             cpus: config.cpu_count,
             memory_bytes: config.memory_size,
-            firmware_code: firmware.code,
-            nvram: nvram.path.clone(),
+            boot,
             root_disk: vm.disk_path(),
             root_disk_options: options.root_disk,
             extra_disks: options.extra_disks,

@@ -59,7 +59,11 @@ impl TestVm {
     fn spec(&self, options: RunOptions) -> VmSpec {
         let host = HostInfo::detect();
         let prepared = VmSpec::prepare(&self.vm, &self.config, options, &host).unwrap();
-        assert_eq!(prepared.nvram.path, self.vm.nvram_path(), "our nvram.bin is OVMF's");
+        assert_eq!(
+            prepared.nvram.map(|nvram| nvram.path),
+            Some(self.vm.nvram_path()),
+            "our nvram.bin is OVMF's"
+        );
         prepared.spec
     }
 }

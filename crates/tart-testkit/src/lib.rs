@@ -95,6 +95,24 @@ fn build_guest(file_name: &str, agent: Option<&Path>) -> PathBuf {
     image
 }
 
+/// Waits until the file at `path` (a serial console log) contains `text` and returns the file's
+/// text; panics with what it holds after `timeout`.
+pub fn wait_for_text(path: &Path, text: &str, timeout: std::time::Duration) -> String {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let log = String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned();
+        if log.contains(text) {
+            return log;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {text:?} in {}:\n{log}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// The OCI digest (`sha256:<hex>`) of `data`.
 pub fn sha256_digest(data: &[u8]) -> String {
     format!(

@@ -21,7 +21,8 @@ pub struct ProxiedRequest {
     pub range: Option<String>,
     /// The `Authorization` header, to check which hosts credentials were sent to.
     pub authorization: Option<String>,
-    /// The status the client was sent (502 when the upstream could not be reached).
+    /// The status the client was sent (502 when the upstream could not be reached, 0 when the proxy
+    /// cut the request and sent nothing).
     pub status: u16,
 }
 
@@ -62,6 +63,7 @@ struct Faults {
     by_digest: HashMap<String, Fault>,
     redirect_to: Option<String>,
     random_cuts: Option<RandomCuts>,
+    upload_cuts: Option<RandomCuts>,
 }
 
 /// Which blob downloads are cut, and where: a seeded xorshift64* so a failing run can be replayed.
@@ -87,6 +89,8 @@ struct Shared {
     stop: AtomicBool,
     /// Downloads cut by [`FaultProxy::cut_blobs_randomly`].
     cuts: AtomicU64,
+    /// Uploads cut by [`FaultProxy::cut_uploads_randomly`].
+    upload_cuts: AtomicU64,
     /// Open client connections, shut down on drop so their threads end with the proxy.
     connections: Mutex<HashMap<u64, TcpStream>>,
     next_connection: AtomicU64,
@@ -116,6 +120,17 @@ impl Shared {
             *times -= 1;
         }
         Some(fault.clone())
+    }
+
+    /// Where to cut this upload request's body (a fraction of it), if it is to be cut.
+    fn take_upload_cut(&self) -> Option<f64> {
+        let mut faults = self.faults();
+        let cuts = faults.upload_cuts.as_mut()?;
+        if cuts.next() >= cuts.probability {
+            return None;
+        }
+        self.upload_cuts.fetch_add(1, Ordering::SeqCst);
+        Some(cuts.next())
     }
 
     fn record(&self, request: &http::Request, status: u16) {
@@ -168,6 +183,7 @@ impl FaultProxy {
             log: Mutex::default(),
             stop: AtomicBool::new(false),
             cuts: AtomicU64::new(0),
+            upload_cuts: AtomicU64::new(0),
             connections: Mutex::default(),
             next_connection: AtomicU64::new(0),
         });
@@ -230,6 +246,22 @@ impl FaultProxy {
             probability,
             state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
         });
+    }
+
+    /// Each blob upload request with a body (`PATCH`/`PUT` on `/v2/<repo>/blobs/uploads/…`) is cut
+    /// with `probability`: the registry gets the head and the body up to a uniformly random point
+    /// (at least one byte), then both connections are closed and the client gets no answer. Its
+    /// log entry has status 0. `seed` makes the choices repeatable.
+    pub fn cut_uploads_randomly(&self, probability: f64, seed: u64) {
+        self.shared.faults().upload_cuts = Some(RandomCuts {
+            probability,
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1,
+        });
+    }
+
+    /// How many uploads [`FaultProxy::cut_uploads_randomly`] has cut so far.
+    pub fn upload_cuts(&self) -> u64 {
+        self.shared.upload_cuts.load(Ordering::SeqCst)
     }
 
     /// How many downloads [`FaultProxy::cut_blobs_randomly`] has cut so far.
@@ -401,8 +433,24 @@ fn serve(client: &TcpStream, shared: &Shared) -> io::Result<()> {
                 }
             },
         };
+        let framing = request.body_framing()?;
+        let upload = matches!(request.method.as_str(), "PATCH" | "PUT") && request.path().contains("/blobs/uploads/");
+        if let Some(fraction) = (upload && framing != Framing::Empty)
+            .then(|| shared.take_upload_cut())
+            .flatten()
+        {
+            let body = http::read_body(framing, &mut from_client)?;
+            request.headers.remove("transfer-encoding");
+            request.headers.set("Content-Length", body.len().to_string());
+            let cut = 1 + (body.len().saturating_sub(1) as f64 * fraction) as usize;
+            up.writer.write_all(&request.head_bytes())?;
+            up.writer.write_all(&body[..cut.min(body.len())])?;
+            up.writer.flush()?;
+            shared.record(&request, 0);
+            return Ok(());
+        }
         up.writer.write_all(&request.head_bytes())?;
-        http::relay_body(request.body_framing()?, &mut from_client, &mut up.writer)?;
+        http::relay_body(framing, &mut from_client, &mut up.writer)?;
         up.writer.flush()?;
 
         let mut response = loop {

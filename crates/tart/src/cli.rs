@@ -138,6 +138,15 @@ pub struct RunArgs {
     /// No audio device (the VM has none anyway)
     #[arg(long)]
     pub no_audio: bool,
+    /// No clipboard sharing (the VM has none anyway; cirrus-cli passes it)
+    #[arg(long)]
+    pub no_clipboard: bool,
+    /// Boot macOS recovery (refused: macOS guests need a macOS host)
+    #[arg(long, hide = true)]
+    pub recovery: bool,
+    /// Rosetta share for Linux guests (refused: Rosetta exists only on Apple silicon Macs)
+    #[arg(long, hide = true, value_name = "tag")]
+    pub rosetta: Option<String>,
     /// Only devices whose state can be saved, so that tart suspend works (no --dir; the guest
     /// agent only with the kernel's vhost-vsock)
     #[arg(long)]
@@ -250,6 +259,19 @@ pub struct PullFlags {
     /// share extents with them on reflink filesystems)
     #[arg(long, hide = true)]
     pub deduplicate: bool,
+    /// Platform to take from a multi-arch image (index or manifest list); default: the host's
+    #[arg(long, value_enum)]
+    pub arch: Option<ImageArch>,
+    /// For a KubeVirt containerDisk with several files in /disk: the one to use as the VM's
+    /// disk, e.g. /disk/server.qcow2 (KubeVirt's containerDisk.path)
+    #[arg(long, value_name = "path")]
+    pub containerdisk_path: Option<String>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum ImageArch {
+    Amd64,
+    Arm64,
 }
 
 #[derive(Args, Debug)]
@@ -342,6 +364,10 @@ pub struct SetArgs {
     /// Generate a new random MAC address
     #[arg(long)]
     pub random_mac: bool,
+    /// Generate a new random serial number: macOS VMs only, Linux VMs have none (a no-op for them,
+    /// as in Tart)
+    #[arg(long, hide = true)]
+    pub random_serial: bool,
     /// Replace the VM's disk with a copy of this image file
     #[arg(long, value_name = "path")]
     pub disk: Option<PathBuf>,

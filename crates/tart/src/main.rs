@@ -6,7 +6,9 @@ mod commands;
 mod control;
 mod output;
 mod progress;
+mod vetu_compat;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
@@ -29,21 +31,36 @@ impl std::error::Error for UsageError {}
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // Installed or symlinked as `vetu`, for Orchard workers and cirrus-cli on Linux hosts.
+    let program = args
+        .first()
+        .map(std::path::Path::new)
+        .and_then(std::path::Path::file_name);
+    if program.is_some_and(|name| name == "vetu") {
+        return vetu_compat::main(args);
+    }
+    let cli: Cli = match parse(args, EXIT_USAGE) {
         Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(code) => return code,
     };
     match commands::run(cli.command) {
         Ok(code) => code,
         Err(err) => report(&err),
     }
+}
+
+/// `args` parsed as `P`, or the status to exit with once clap has printed why not: `misuse` for
+/// a bad command line, 0 for `--help` and `--version`.
+fn parse<P: Parser>(args: impl IntoIterator<Item = impl Into<OsString> + Clone>, misuse: u8) -> Result<P, ExitCode> {
+    P::try_parse_from(args).map_err(|err| {
+        let _ = err.print();
+        if err.use_stderr() {
+            ExitCode::from(misuse)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
 }
 
 fn report(err: &anyhow::Error) -> ExitCode {

@@ -123,6 +123,7 @@ fn create_clone_set_get_list_rename_delete() {
     assert_eq!(json["Running"], false);
     assert_eq!(json["State"], "stopped");
     assert_eq!(json["CloudInit"], false);
+    assert_eq!(json["Format"], "tart", "a VM made locally");
     let text = home.ok(&["get", "work"]);
     let mut lines = text.lines();
     assert_eq!(
@@ -136,7 +137,8 @@ fn create_clone_set_get_list_rename_delete() {
             "Size",
             "Display",
             "State",
-            "CloudInit"
+            "CloudInit",
+            "Format"
         ]
     );
     assert_eq!(lines.next().unwrap().split_whitespace().next(), Some("linux"));

@@ -53,6 +53,89 @@ fn pulls_succeed_while_half_the_blob_downloads_are_cut() {
     );
 }
 
+/// docker-registry forgets an upload session whose PATCH or PUT broke off (a status request on
+/// it answers 404), so there is no offset to resume from: the blob is uploaded again from a new
+/// session, and only that blob.
+#[test]
+fn pushes_succeed_while_half_the_uploads_are_cut_each_blob_restarted_alone() {
+    let registry = Registry::anonymous();
+    let proxy = FaultProxy::start(registry.host());
+    let host = proxy.host();
+    let home = Home::new();
+    make_two_chunk_vm(&home, "vm", 500);
+    proxy.cut_uploads_randomly(0.5, 2027);
+
+    let started = Instant::now();
+    for attempt in 1..=2 {
+        let earlier = proxy.requests().len();
+        let name = format!("{host}/org/up{attempt}:v1");
+        // Every cut costs the whole blob, so an attempt never brings lasting progress: allow more
+        // than the default five in a row, so that chance alone cannot end the push.
+        let out = home.run_with(
+            &["push", "--insecure", "vm", &name],
+            &[("TART_RETRY_STALLS", "14")],
+            None,
+        );
+        let requests = proxy.requests()[earlier..].to_vec();
+        assert!(
+            out.status.success(),
+            "push {attempt} failed ({} uploads cut so far):\n{}\nits requests:\n{}",
+            proxy.upload_cuts(),
+            out.stderr,
+            describe(&requests)
+        );
+        // Each blob was committed exactly once: a cut restarted that blob, not the others.
+        let mut committed = std::collections::BTreeMap::<String, usize>::new();
+        for request in requests.iter().filter(|r| r.method == "PUT" && r.status == 201) {
+            if let Some((_, digest)) = query_pairs(request).into_iter().find(|(k, _)| k == "digest") {
+                *committed.entry(digest).or_default() += 1;
+            }
+        }
+        let (_, manifest) = manifest_of(&registry, &format!("org/up{attempt}"), "v1");
+        let mut blobs: Vec<String> = manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain([&manifest["config"]])
+            .map(|layer| layer["digest"].as_str().unwrap().to_owned())
+            .collect();
+        blobs.sort();
+        blobs.dedup();
+        assert_eq!(
+            committed.keys().cloned().collect::<Vec<_>>(),
+            blobs,
+            "{}",
+            describe(&requests)
+        );
+        assert!(committed.values().all(|&n| n == 1), "{committed:?}");
+
+        let other = Home::new();
+        other.ok(&["pull", "--insecure", &format!("{}/org/up{attempt}:v1", registry.host())]);
+        let digest = tart_testkit::sha256_digest(&registry.manifest(&format!("org/up{attempt}"), "v1").0);
+        assert_same_file(
+            &other
+                .image_dir(registry.host(), &format!("org/up{attempt}"), &digest)
+                .join("disk.img"),
+            &home.disk("vm"),
+        );
+    }
+    let uploads = proxy
+        .requests()
+        .iter()
+        .filter(|r| r.method == "PUT" && r.path.contains("/blobs/uploads/"))
+        .count();
+    eprintln!(
+        "2 pushes: {uploads} uploads, {} cut, {:.1} s",
+        proxy.upload_cuts(),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        proxy.upload_cuts() as f64 >= 0.3 * uploads as f64,
+        "only {} of {uploads} uploads were cut",
+        proxy.upload_cuts()
+    );
+}
+
 #[test]
 fn retries_go_on_while_data_arrives_and_give_up_when_it_stops() {
     let registry = Registry::anonymous();

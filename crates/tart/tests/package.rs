@@ -170,6 +170,7 @@ step create inside tart create --linux vm
 step list inside tart list --quiet
 step doctor inside tart doctor
 step helpers inside sh -c '/usr/libexec/tart/virtiofsd --version && /usr/libexec/tart/vhost-device-vsock --version && /usr/lib/tart/tart-guest-agent --version'
+step executor inside sh -c 'tart-gitlab-executor --version && CUSTOM_ENV_CI_JOB_ID=1 tart-gitlab-executor cleanup'
 step files inside ls /usr/share/man/man1/tart.1.gz /usr/share/bash-completion/completions/tart /usr/share/zsh/vendor-completions/_tart /usr/share/fish/vendor_completions.d/tart.fish /etc/default/tart
 step verify inside systemd-analyze verify --man=no /usr/lib/systemd/system/tart@vm.service
 step remove-firmware inside dpkg --remove --force-depends ovmf
@@ -201,6 +202,9 @@ fn package_installs_and_works_in_a_clean_debian_root() {
     ok(&steps, "create");
     assert_eq!(ok(&steps, "list").trim(), "vm");
     ok(&steps, "helpers");
+    // The GitLab executor runs the tart beside it: cleanup of a job that made no VM.
+    let executor = ok(&steps, "executor");
+    assert!(executor.contains("nothing to delete"), "{executor}");
     ok(&steps, "files");
     let verify = ok(&steps, "verify");
     assert!(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use assert_cmd::prelude::*;
 
 mod common;
-use common::{fails_with, finish, wait_for, Home};
+use common::{fails_with, finish, qemu_runs, wait_for, Home};
 
 #[test]
 fn run_suspend_resume_and_stop() {
@@ -78,14 +78,7 @@ fn killing_tart_run_takes_qemu_with_it() {
     let mut run = home.run(1);
     wait_for(&home.serial(1), "TART-TEST-GUEST: booted");
     let disk = home.dir.path().join("home/vms/guest/disk.img");
-    let qemu_running = || {
-        Command::new("pgrep")
-            .args(["-f", &format!("file={}", disk.display())])
-            .output()
-            .unwrap()
-            .status
-            .success()
-    };
+    let qemu_running = || qemu_runs(&disk);
     assert!(qemu_running(), "QEMU runs the VM's disk");
     let qemu = Command::new("pgrep")
         .args(["-af", &format!("file={}", disk.display())])

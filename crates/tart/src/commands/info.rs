@@ -2,7 +2,7 @@ use std::time::SystemTime;
 
 use anyhow::{anyhow, Result};
 use serde::Serialize;
-use tart_home::{tart_pretty_json, AccessDate, VmDir, VmState};
+use tart_home::{tart_pretty_json, AccessDate, ImageFormat, VmConfig, VmDir, VmState};
 
 use super::{parse_vm_name, Context, VmName};
 use crate::cli::{Format, FqnArgs, GetArgs, ListArgs};
@@ -27,6 +27,9 @@ struct VmInfo {
     state: &'static str,
     /// Whether `tart run` gives the guest a cloud-init seed (`<vm>/cloud-init/`).
     cloud_init: bool,
+    /// The image format the VM was cloned from (`tart` for VMs made locally). Last, so that
+    /// parsers of Tart's columns are not disturbed.
+    format: &'static str,
 }
 
 pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
@@ -45,6 +48,7 @@ pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
         running: state == VmState::Running,
         state: state.as_str(),
         cloud_init: vm.seed_dir().is_dir(),
+        format: image_format(&config),
     };
     match args.format {
         Format::Json => println!("{}", String::from_utf8(tart_pretty_json(&info))?),
@@ -59,6 +63,7 @@ pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
                 "Display",
                 "State",
                 "CloudInit",
+                "Format",
             ];
             let row = vec![
                 info.os.to_owned(),
@@ -70,6 +75,7 @@ pub fn get(ctx: &Context, args: &GetArgs) -> Result<()> {
                 info.display,
                 info.state.to_owned(),
                 if info.cloud_init { "seed" } else { "none" }.to_owned(),
+                info.format.to_owned(),
             ];
             println!("{}", table(&header, &[row]));
         }
@@ -87,6 +93,8 @@ struct ListEntry {
     accessed: String,
     running: bool,
     state: &'static str,
+    /// See [`VmInfo::format`].
+    format: &'static str,
     #[serde(skip)]
     accessed_at: SystemTime,
 }
@@ -125,12 +133,16 @@ pub fn list(ctx: &Context, args: &ListArgs) -> Result<()> {
                         e.size.to_string(),
                         relative_time(e.accessed_at, now),
                         e.state.to_owned(),
+                        e.format.to_owned(),
                     ]
                 })
                 .collect();
             println!(
                 "{}",
-                table(&["Source", "Name", "Disk", "Size", "Accessed", "State"], &rows)
+                table(
+                    &["Source", "Name", "Disk", "Size", "Accessed", "State", "Format"],
+                    &rows
+                )
             );
         }
     }
@@ -148,8 +160,16 @@ fn list_entry(source: &'static str, name: String, vm: &VmDir) -> Result<ListEntr
         accessed: iso8601(accessed_at),
         running: state == VmState::Running,
         state: state.as_str(),
+        // A config too broken to read does not hide the VM from the list.
+        format: vm
+            .config()
+            .map_or(ImageFormat::Tart.as_str(), |config| image_format(&config)),
         accessed_at,
     })
+}
+
+fn image_format(config: &VmConfig) -> &'static str {
+    config.image_format.unwrap_or(ImageFormat::Tart).as_str()
 }
 
 pub fn fqn(ctx: &Context, args: &FqnArgs) -> Result<()> {

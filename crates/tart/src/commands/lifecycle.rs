@@ -57,7 +57,14 @@ pub fn clone(ctx: &Context, args: &CloneArgs) -> Result<()> {
     }
     let source = match parse_vm_name(&args.source_name)? {
         VmName::Local(name) => ctx.home.existing_local_vm(&name)?,
-        VmName::Remote(remote) => match ctx.cache.open(&remote) {
+        // With --arch (--containerdisk-path) the tag's cached image may be another platform's
+        // (made from another disk): the pull decides, and finds the image cached when it is the
+        // one asked for.
+        VmName::Remote(remote) => match ctx
+            .cache
+            .open(&remote)
+            .filter(|_| args.pull.arch.is_none() && args.pull.containerdisk_path.is_none())
+        {
             Some(vm) => vm,
             None => super::registry::pull_remote(ctx, &remote, &args.pull)?,
         },
@@ -96,6 +103,9 @@ pub fn set(ctx: &Context, args: &SetArgs) -> Result<()> {
             }
             .into());
         }
+    }
+    if args.random_serial && config.os == Os::Darwin {
+        bail!("--random-serial gives a macOS VM a new machine identifier, which only macOS can make: run it on a Mac");
     }
     let user_data = args.user_data.as_deref().map(image::read_user_data).transpose()?;
     let display = args

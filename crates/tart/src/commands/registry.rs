@@ -11,7 +11,7 @@ use tart_oci::registry::{Connection, Registry};
 use tart_oci::{Reference, RemoteName};
 
 use super::{parse_vm_name, Context, VmName};
-use crate::cli::{LoginArgs, LogoutArgs, PullArgs, PullFlags, PushArgs, RegistryArgs};
+use crate::cli::{ImageArch, LoginArgs, LogoutArgs, PullArgs, PullFlags, PushArgs, RegistryArgs};
 use crate::progress::CliProgress;
 use crate::UsageError;
 
@@ -76,6 +76,11 @@ pub fn pull_remote(ctx: &Context, name: &RemoteName, flags: &PullFlags) -> Resul
     let options = PullOptions {
         concurrency: flags.concurrency as usize,
         auto_prune: std::env::var_os("TART_NO_AUTO_PRUNE").is_none(),
+        arch: flags.arch.map(|arch| match arch {
+            ImageArch::Amd64 => tart_home::Arch::Amd64,
+            ImageArch::Arm64 => tart_home::Arch::Arm64,
+        }),
+        containerdisk_path: flags.containerdisk_path.clone(),
     };
     let progress = CliProgress::new();
     runtime()?.block_on(tart_oci::pull::pull(

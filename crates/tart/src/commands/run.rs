@@ -35,6 +35,16 @@ fn validate(args: &RunArgs) -> Result<NetworkMode> {
     if args.graphics && args.no_graphics {
         return Err(usage("--graphics and --no-graphics are mutually exclusive"));
     }
+    // Packer's Tart plugin passes these when a template asks for them; say why they cannot work.
+    if args.recovery {
+        bail!("--recovery boots macOS recovery, and macOS guests need a macOS host: drop recovery from the template");
+    }
+    if args.rosetta.is_some() {
+        bail!(
+            "--rosetta shares Apple's Rosetta, which exists only on Apple silicon Macs: on Linux, run x86_64 \
+             binaries in an arm64 guest with qemu-user-static and binfmt-support instead"
+        );
+    }
     NetworkMode::from_args(args)
 }
 

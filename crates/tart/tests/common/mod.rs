@@ -2,10 +2,9 @@
 //! against it (inside a [`NetLab`]'s host namespace if given one), and the serial console.
 #![allow(dead_code)]
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tart_testkit::NetLab;
 
@@ -58,10 +57,15 @@ impl Home {
     }
 
     pub fn tart(&self) -> Command {
-        let tart = assert_cmd::cargo::cargo_bin("tart");
+        self.command(assert_cmd::cargo::cargo_bin("tart"))
+    }
+
+    /// `program` (tart itself, or tart under another name such as a `vetu` link to it) with
+    /// tart's environment, in the lab's host namespace if any.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = match &self.lab {
-            Some((ns, state)) => tart_testkit::netlab::command_in(ns, state, tart),
-            None => Command::new(tart),
+            Some((ns, state)) => tart_testkit::netlab::command_in(ns, state, program),
+            None => Command::new(program),
         };
         cmd.env("TART_HOME", self.dir.path().join("home")).env("CI", "1");
         cmd
@@ -148,16 +152,18 @@ pub fn fails_with(command: &mut Command, code: i32, needle: &str) -> String {
     stderr
 }
 
+/// Whether a QEMU process has the disk `disk` open (by its command line).
+pub fn qemu_runs(disk: &Path) -> bool {
+    Command::new("pgrep")
+        .args(["-f", &format!("file={}", disk.display())])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
+
 pub fn wait_for(serial: &Path, text: &str) -> String {
-    let deadline = Instant::now() + BOOT_TIMEOUT;
-    loop {
-        let log = String::from_utf8_lossy(&fs::read(serial).unwrap_or_default()).into_owned();
-        if log.contains(text) {
-            return log;
-        }
-        assert!(Instant::now() < deadline, "no {text:?} on the serial console:\n{log}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    tart_testkit::wait_for_text(serial, text, BOOT_TIMEOUT)
 }
 
 pub fn finish(child: Child) -> (i32, String, String) {

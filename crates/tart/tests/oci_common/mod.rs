@@ -589,3 +589,21 @@ pub fn assert_pulled(home: &Home, host: &str, repo: &str, image: &Image) {
     assert_file_is(&dir.join("config.json"), &image.config);
     assert_file_is(&dir.join("nvram.bin"), &image.nvram);
 }
+
+/// Runs `vm` (made from the test guest) with user networking until its serial console says it
+/// booted, then stops it with `tart stop`, which must end the run cleanly.
+pub fn boot_test_guest(home: &Home, vm: &str) {
+    let serial = home.dir.path().join(format!("{vm}.serial.log"));
+    let run = home.spawn(&[
+        "run",
+        "--no-graphics",
+        "--net-user",
+        "--serial-path",
+        serial.to_str().unwrap(),
+        vm,
+    ]);
+    tart_testkit::wait_for_text(&serial, "TART-TEST-GUEST: booted", Duration::from_secs(180));
+    home.ok(&["stop", vm]);
+    let out = run.finish();
+    assert!(out.status.success(), "{}{}", out.stdout, out.stderr);
+}
