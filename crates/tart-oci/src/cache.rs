@@ -98,7 +98,7 @@ impl OciCache {
     /// and its tag link are made under this lock, and garbage collection runs under it, so
     /// another process's collection never sees (and deletes) an image whose tag is not made
     /// yet. Held for moments only.
-    pub fn lock(&self) -> io::Result<tart_home::FileLock> {
+    pub(crate) fn lock(&self) -> io::Result<tart_home::FileLock> {
         fs::create_dir_all(&self.root)?;
         tart_home::FileLock::exclusive(&self.root).map_err(io::Error::other)
     }
@@ -212,7 +212,7 @@ impl OciCache {
 
     /// [`OciCache::gc`] for callers that hold [`OciCache::lock`]. Entries that vanish while it
     /// looks (another process's temporary tag link, renamed into place) are passed over.
-    pub fn gc_locked(&self) -> io::Result<()> {
+    pub(crate) fn gc_locked(&self) -> io::Result<()> {
         let mut digest_dirs = Vec::new();
         let mut incoming: HashMap<PathBuf, usize> = HashMap::new();
         walk_cache(&self.root, &mut |path, meta| {
