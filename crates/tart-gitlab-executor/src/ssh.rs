@@ -73,13 +73,16 @@ impl Ssh {
             "-o",
             "LogLevel=ERROR",
             "-o",
-            "ConnectTimeout=10",
-            // A VM that vanishes mid-job (stopped, deleted, crashed) ends the session in 15 s
-            // instead of leaving the job hanging until its timeout.
+            // Also bounds sshd's banner, which a guest under TCG on a busy host (several VMs
+            // booting on 2 cores) took over 10 s to send.
+            "ConnectTimeout=30",
+            // A VM that vanishes mid-job (stopped, deleted, crashed) ends the session in a
+            // minute instead of leaving the job hanging until its timeout. Not sooner: such a
+            // guest also stalled for over 15 s, and a 15 s limit broke live jobs' sessions.
             "-o",
-            "ServerAliveInterval=5",
+            "ServerAliveInterval=15",
             "-o",
-            "ServerAliveCountMax=3",
+            "ServerAliveCountMax=4",
             &self.destination,
         ]);
         command.arg("--").arg(remote);
